@@ -1,0 +1,384 @@
+"""Handwritten backward passes as ``torch.autograd.Function`` subclasses.
+
+Every Function follows PyTorch's "Extending torch.autograd" note: ``forward`` +
+``setup_context``, tensors saved with ``ctx.save_for_backward`` only, ``ctx.needs_input_grad``
+checked before each gradient, exactly one gradient (or ``None``) per forward input. Backward
+formulas are written in differentiable torch ops, so double backward works, and
+``generate_vmap_rule = True`` makes ``torch.func.vmap``/``grad`` and batched gradcheck work.
+
+The lowercase aliases (``linear``, ``sigmoid``, ...) have the signatures of their
+``torch.nn.functional`` namesakes, validate their inputs with clear errors, and follow
+``torch.autocast``'s dtype rules. Derivations: ``docs/derivations.md``.
+
+Shape legend used in comments: ``N`` batch rows, ``C`` classes, ``in``/``out`` features,
+``*`` any leading batch dimensions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import Function
+
+from manualbp._autocast import (
+    remember_autocast_state,
+    replay_autocast_state,
+    upcast_like_autocast_fp32_ops,
+)
+from manualbp._validation import (
+    check_cross_entropy_args,
+    check_linear_args,
+    check_mse_args,
+    check_tensor,
+)
+
+__all__ = [
+    "CrossEntropyFunction",
+    "LinearFunction",
+    "MSELossFunction",
+    "ReLUFunction",
+    "SigmoidFunction",
+    "TanhFunction",
+    "cross_entropy",
+    "linear",
+    "mse_loss",
+    "relu",
+    "sigmoid",
+    "tanh",
+]
+
+
+class LinearFunction(Function):
+    """Affine map ``y = x Wᵀ + b`` over any leading batch dimensions.
+
+    Gradients, with ``g = dL/dy`` flattened to ``(N, out)`` and ``x`` to ``(N, in)``:
+    ``dL/dx = g W``, ``dL/dW = gᵀ x``, ``dL/db = Σ_rows g``.
+
+    Inputs: ``input (*, in)``, ``weight (out, in)``, ``bias (out,)`` or ``None``.
+    Output: ``(*, out)``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias):
+        # Same ATen kernel as torch's forward, so the two forwards agree bit for bit and
+        # every difference measured downstream comes from the backward.
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, _ = inputs
+        needs_input, needs_weight, _ = ctx.needs_input_grad
+        # x is only needed for dL/dW and W only for dL/dx: a frozen layer saves nothing extra.
+        ctx.save_for_backward(input if needs_weight else None, weight if needs_input else None)
+        # Layouts decide which of two equal matmul forms torch's backward picks; we pick the
+        # same, so results agree to the bit and gradients come out laid out like their tensor.
+        ctx.input_is_column_major = _is_column_major(input)
+        ctx.weight_is_row_major = _is_column_major(weight.t())
+        remember_autocast_state(ctx, input)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        grad_input = grad_weight = grad_bias = None
+        with replay_autocast_state(ctx):
+            grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])  # (N, out)
+            if ctx.needs_input_grad[0]:
+                if ctx.input_is_column_major:
+                    grad_input_2d = weight.t().mm(grad_output_2d.t()).t()  # (N, in)
+                else:
+                    grad_input_2d = grad_output_2d.mm(weight)  # (N, in)
+                grad_input = grad_input_2d.reshape(*grad_output.shape[:-1], weight.shape[1])
+            if ctx.needs_input_grad[1]:
+                input_2d = input.reshape(-1, input.shape[-1])  # (N, in)
+                if ctx.weight_is_row_major:
+                    grad_weight = grad_output_2d.t().mm(input_2d)  # (out, in)
+                else:
+                    grad_weight = input_2d.t().mm(grad_output_2d).t()  # (out, in)
+            if ctx.needs_input_grad[2]:
+                grad_bias = grad_output_2d.sum(0)  # (out,)
+        return grad_input, grad_weight, grad_bias
+
+
+def _is_column_major(tensor: torch.Tensor) -> bool:
+    """True for a 2-D tensor stored column by column, e.g. the transpose of a contiguous one."""
+    if tensor.dim() != 2:
+        return False
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(
+        tensor
+    ):
+        return False  # vmap/grad wrappers expose no strides
+    rows, _ = tensor.shape
+    return tensor.stride(0) == 1 and tensor.stride(1) == rows
+
+
+def _opmath(tensor: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 → float32, others unchanged: torch's kernels compute in this "opmath"
+    type and round once at the end; doing the same keeps half-precision results identical."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+class SigmoidFunction(Function):
+    """``y = 1 / (1 + e^{-x})``;  ``dL/dx = g · (1 - y) · y``, from the saved output alone.
+
+    Input and output: any shape ``(*)``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input):
+        return torch.sigmoid(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (output,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None
+        g, y = _opmath(grad_output), _opmath(output)  # (*), (*)
+        # Evaluated as (g · (1 - y)) · y, the order of torch's own kernel: bit-identical.
+        return (g * (1 - y) * y).to(grad_output.dtype)  # (*)
+
+
+class TanhFunction(Function):
+    """``y = tanh(x)``;  ``dL/dx = g · (1 - y²)``, from the saved output alone.
+
+    Input and output: any shape ``(*)``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input):
+        return torch.tanh(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (output,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None
+        g, y = _opmath(grad_output), _opmath(output)  # (*), (*)
+        # 1 - y² as one fused multiply-add, like torch's tanh_backward kernel: bit-identical.
+        one_minus_square = torch.addcmul(torch.ones_like(y), y, y, value=-1)  # (*)
+        return (g * one_minus_square).to(grad_output.dtype)  # (*)
+
+
+class ReLUFunction(Function):
+    """``y = max(x, 0)``;  ``dL/dx = g · [y > 0]``.
+
+    Saves its output, which the next layer saves anyway as its input, so the mask costs no
+    memory. Input and output: any shape ``(*)``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input):
+        return torch.relu(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (output,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None
+        # Zero where y <= 0 (not "keep where y > 0"): a NaN input passes its gradient
+        # through, as torch's threshold_backward does.
+        return grad_output.masked_fill(output <= 0, 0)  # (*)
+
+
+class CrossEntropyFunction(Function):
+    """Softmax cross-entropy, computed stably with log-sum-exp.
+
+    Forward: ``ℓ_i = log Σ_c e^{x_ic} - x_{i,t_i}`` (shifted by the row max), reduced by
+    ``mean`` over non-ignored rows, ``sum`` or ``none``. Backward, fused:
+    ``dL/dx = (softmax(x) - onehot(t)) · s_i`` with ``s_i`` the row's share of ``dL/dℓ``
+    (``g / #valid`` for mean) and ``0`` for ignored rows.
+
+    Inputs: ``input (N, C)`` logits, ``target (N,)`` int64 classes, ``reduction``,
+    ``ignore_index``. Outputs: the loss (``()`` or ``(N,)`` for ``none``) and the
+    log-probabilities ``(N, C)``. The second output is what backward needs; returning it
+    (rather than keeping a private copy) keeps it on the autograd graph, so double backward
+    through the saved tensor is exact. Use :func:`cross_entropy` for the loss alone.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, target, reduction, ignore_index):
+        logits = _opmath(input)  # (N, C)
+        row_max = logits.amax(dim=1, keepdim=True)  # (N, 1)
+        shifted = logits - row_max  # (N, C) every entry <= 0: exp cannot overflow
+        log_sum_exp = shifted.exp().sum(dim=1, keepdim=True).log()  # (N, 1)
+        log_probs = (shifted - log_sum_exp).to(input.dtype)  # (N, C)
+        valid = target != ignore_index  # (N,)
+        safe_target = target.masked_fill(~valid, 0)  # (N,) ignored rows read class 0
+        picked = log_probs.gather(1, safe_target.unsqueeze(1)).squeeze(1)  # (N,)
+        losses = _opmath(-picked).masked_fill(~valid, 0)  # (N,)
+        if reduction == "none":
+            loss = losses
+        elif reduction == "sum":
+            loss = losses.sum()
+        else:  # mean over non-ignored rows: 0/0 = nan when all are ignored, as in torch
+            loss = losses.sum() / valid.sum()
+        return loss.to(input.dtype), log_probs
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, target, reduction, ignore_index = inputs
+        _, log_probs = output
+        ctx.save_for_backward(log_probs, target)
+        ctx.reduction = reduction
+        ctx.ignore_index = ignore_index
+        ctx.set_materialize_grads(False)  # callers drop log_probs: no zeros for its gradient
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_log_probs):
+        log_probs, target = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        softmax = _opmath(log_probs).exp()  # (N, C)
+        grad_input = None
+        if grad_loss is not None:
+            valid = target != ctx.ignore_index  # (N,)
+            grad_loss = _opmath(grad_loss)  # () or (N,)
+            if ctx.reduction == "none":
+                row_scale = grad_loss  # (N,)
+            elif ctx.reduction == "sum":
+                row_scale = grad_loss.expand(target.shape)  # (N,)
+            else:
+                row_scale = (grad_loss / valid.sum()).expand(target.shape)  # (N,)
+            row_scale = row_scale.masked_fill(~valid, 0).unsqueeze(1)  # (N, 1)
+            safe_target = target.masked_fill(~valid, 0).unsqueeze(1)  # (N, 1)
+            # (softmax - onehot) · s, formed as softmax·s - s at the target column: the
+            # rounding of torch's own log_softmax + nll_loss backward.
+            grad_input = (softmax * row_scale).scatter_add(1, safe_target, -row_scale)  # (N, C)
+        if grad_log_probs is not None:
+            # Reached by double backward (or by a caller using log_probs): the log-softmax
+            # Jacobian, dlogp/dx · v = v - softmax · Σ_c v_c.
+            v = _opmath(grad_log_probs)  # (N, C)
+            grad_via_log_probs = v - softmax * v.sum(dim=1, keepdim=True)  # (N, C)
+            grad_input = (
+                grad_via_log_probs if grad_input is None else grad_input + grad_via_log_probs
+            )
+        if grad_input is not None:
+            grad_input = grad_input.to(log_probs.dtype)
+        return grad_input, None, None, None
+
+
+class MSELossFunction(Function):
+    """Mean squared error ``ℓ = reduce((x - y)²)``.
+
+    Gradients: ``dL/dx = k · (x - y) · g`` with ``k = 2 / numel`` for mean and ``2`` for
+    sum or none; ``dL/dy = -dL/dx``.
+
+    Inputs: ``input (*)``, ``target (*)`` of the same shape, ``reduction``.
+    Output: ``()``, or ``(*)`` for ``none``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, target, reduction):
+        diff = input - target  # (*)
+        squared = diff * diff  # (*)
+        if reduction == "none":
+            return squared
+        if reduction == "sum":
+            return squared.sum()
+        return squared.mean()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, reduction = inputs
+        ctx.save_for_backward(input, target)
+        ctx.reduction = reduction
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, target = ctx.saved_tensors
+        needs_input, needs_target, _ = ctx.needs_input_grad
+        if not (needs_input or needs_target):
+            return None, None, None
+        norm = 2.0 / input.numel() if ctx.reduction == "mean" else 2.0
+        # (k · (x - y)) · g, the evaluation order of torch's mse_backward kernel.
+        grad_input = norm * (input - target) * grad_output  # (*)
+        grad_target = -grad_input if needs_target else None  # (*)
+        return (grad_input if needs_input else None), grad_target, None
+
+
+def linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``input (*, in) @ weight (out, in)ᵀ + bias (out,)`` → ``(*, out)``, handwritten backward."""
+    check_linear_args(input, weight, bias)
+    return LinearFunction.apply(input, weight, bias)
+
+
+def sigmoid(input: torch.Tensor) -> torch.Tensor:
+    """Logistic sigmoid of ``input (*)`` → ``(*)``, handwritten backward."""
+    check_tensor(input, "input", "sigmoid")
+    return SigmoidFunction.apply(input)
+
+
+def tanh(input: torch.Tensor) -> torch.Tensor:
+    """Hyperbolic tangent of ``input (*)`` → ``(*)``, handwritten backward."""
+    check_tensor(input, "input", "tanh")
+    return TanhFunction.apply(input)
+
+
+def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``max(input, 0)`` of ``input (*)`` → ``(*)``, handwritten backward.
+
+    ``inplace=True`` is refused: an in-place ReLU would overwrite the tensor the previous
+    layer saved for its own backward.
+    """
+    check_tensor(input, "input", "relu")
+    if inplace:
+        raise ValueError("relu: inplace=True is not supported; expected inplace=False")
+    return ReLUFunction.apply(input)
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Cross-entropy of ``input (N, C)`` logits against ``target (N,)`` int64 classes.
+
+    Returns ``()`` for ``mean``/``sum``, ``(N,)`` for ``none``. Under ``torch.autocast`` the
+    loss is computed in float32, as torch's own ``cross_entropy`` is.
+    """
+    if isinstance(target, torch.Tensor) and target.dtype == torch.uint8:
+        target = target.long()  # torch accepts Byte class indices too
+    check_cross_entropy_args(input, target, reduction, ignore_index)
+    (input,) = upcast_like_autocast_fp32_ops(input)
+    loss, _ = CrossEntropyFunction.apply(input, target, reduction, ignore_index)
+    return loss
+
+
+def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Mean squared error between ``input (*)`` and ``target (*)`` of the same shape.
+
+    Returns ``()`` for ``mean``/``sum``, ``(*)`` for ``none``. Mixed dtypes are promoted as
+    in torch; under ``torch.autocast`` the loss is computed in float32.
+    """
+    check_mse_args(input, target, reduction)
+    input, target = upcast_like_autocast_fp32_ops(input, target)
+    if input.dtype != target.dtype:
+        common = torch.promote_types(input.dtype, target.dtype)
+        input, target = input.to(common), target.to(common)
+    return MSELossFunction.apply(input, target, reduction)
