@@ -1,0 +1,70 @@
+"""TensorBoard views of the gradients: per-layer norms and histograms.
+
+Per-layer gradient norms (``grad_norm/<model>/<param>``) are the vanishing-gradient picture:
+in a deep sigmoid net the first layers' norms sit orders of magnitude below the last ones',
+in its ReLU twin they do not. Histograms (``grad/<model>/<param>``, ``weight/<model>/<param>``)
+are costly, so they have their own, longer interval.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+__all__ = ["GradientMonitor"]
+
+
+class GradientMonitor(L.Callback):
+    """Logs gradient norms every ``norm_every_n_steps`` and histograms every
+    ``histogram_every_n_steps`` optimizer steps (0 disables either).
+
+    Works with any LightningModule; for a :class:`manualbp.module.TwinModule` the tags carry
+    the model's name (``manual``/``autograd``). Gradients are read just before the optimizer
+    step, after any AMP unscaling and DDP reduction.
+    """
+
+    def __init__(self, norm_every_n_steps: int = 50, histogram_every_n_steps: int = 500) -> None:
+        for name, value in (
+            ("norm_every_n_steps", norm_every_n_steps),
+            ("histogram_every_n_steps", histogram_every_n_steps),
+        ):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"GradientMonitor: {name} must be an int >= 0, got {value!r}")
+        self.norm_every_n_steps = norm_every_n_steps
+        self.histogram_every_n_steps = histogram_every_n_steps
+
+    @staticmethod
+    def _named_models(pl_module: L.LightningModule) -> list[tuple[str, torch.nn.Module]]:
+        models = []
+        for name in ("manual", "autograd"):
+            model = getattr(pl_module, f"{name}_model", None)
+            if model is not None and any(p.requires_grad for p in model.parameters()):
+                models.append((name, model))
+        return models or [("model", pl_module)]
+
+    @staticmethod
+    def _due(step: int, every: int) -> bool:
+        return every > 0 and step % every == 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        step = trainer.global_step
+        log_norms = self._due(step, self.norm_every_n_steps)
+        log_histograms = self._due(step, self.histogram_every_n_steps) and trainer.is_global_zero
+        if not (log_norms or log_histograms):
+            return
+        writer = (
+            trainer.logger.experiment if isinstance(trainer.logger, TensorBoardLogger) else None
+        )
+        for model_name, model in self._named_models(pl_module):
+            for param_name, param in model.named_parameters():
+                if param.grad is None:
+                    continue
+                if log_norms:
+                    pl_module.log(
+                        f"grad_norm/{model_name}/{param_name}",
+                        torch.linalg.vector_norm(param.grad.detach()),
+                    )
+                if log_histograms and writer is not None:
+                    writer.add_histogram(f"grad/{model_name}/{param_name}", param.grad, step)
+                    writer.add_histogram(f"weight/{model_name}/{param_name}", param.detach(), step)
