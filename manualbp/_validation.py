@@ -59,7 +59,8 @@ def check_linear_args(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 def check_cross_entropy_args(
     input: torch.Tensor, target: torch.Tensor, reduction: str, ignore_index: int
-) -> None:
+) -> bool:
+    """Raise on bad arguments; return whether some target may equal ``ignore_index``."""
     check_tensor(input, "input", "cross_entropy")
     check_tensor(target, "target", "cross_entropy")
     check_reduction(reduction, "cross_entropy")
@@ -87,33 +88,43 @@ def check_cross_entropy_args(
         raise TypeError(
             f"cross_entropy: ignore_index must be an int, got {type(ignore_index).__name__}"
         )
-    check_class_range(target, input.shape[1], ignore_index)
+    return check_class_range(target, input.shape[1], ignore_index)
 
 
-def check_class_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+def check_class_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> bool:
     """Every target is in ``[0, num_classes)`` or equals ``ignore_index``.
 
-    On CPU the check raises IndexError at once. On CUDA it is queued as an asynchronous
-    device assert (as the builtin kernel does), so the training step never waits for the GPU.
-    Skipped while ``torch.compile`` traces or a ``torch.func`` transform wraps the target,
-    where a data-dependent Python branch is impossible; there the indexing kernel itself
-    still rejects bad indices.
+    Returns False only when it has proven that no target equals ``ignore_index``, so the
+    caller may skip the ignore masks; True otherwise.
+
+    On CPU the check raises IndexError at once, with one ``aminmax`` in the common case. On
+    CUDA it is queued as an asynchronous device assert (as the builtin kernel does), so the
+    training step never waits for the GPU. Skipped while ``torch.compile`` traces or a
+    ``torch.func`` transform wraps the target, where a data-dependent Python branch is
+    impossible; there the indexing kernel itself still rejects bad indices.
     """
     if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(target):
-        return
-    out_of_range = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+        return True
     if target.device.type != "cpu":
+        in_range = ((target >= 0) & (target < num_classes)) | (target == ignore_index)
         torch._assert_async(
-            ~out_of_range.any(),
+            in_range.all(),
             f"cross_entropy: target has class indices outside [0, {num_classes})",
         )
-        return
+        return True
+    if target.numel() == 0:
+        return True
+    low, high = (int(v) for v in torch.aminmax(target))
+    if low >= 0 and high < num_classes:
+        return 0 <= ignore_index < num_classes
+    out_of_range = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if out_of_range.any():
         position = int(out_of_range.nonzero()[0, 0])
         raise IndexError(
             f"cross_entropy: target[{position}] = {int(target[position])} is out of bounds; "
             f"expected class indices in [0, {num_classes}) or ignore_index={ignore_index}"
         )
+    return True
 
 
 def check_mse_args(input: torch.Tensor, target: torch.Tensor, reduction: str) -> None:

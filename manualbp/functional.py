@@ -75,7 +75,7 @@ class LinearFunction(Function):
         # Layouts decide which of two equal matmul forms torch's backward picks; we pick the
         # same, so results agree to the bit and gradients come out laid out like their tensor.
         ctx.input_is_column_major = _is_column_major(input)
-        ctx.weight_is_row_major = _is_column_major(weight.t())
+        ctx.weight_is_row_major = _is_row_major(weight)
         remember_autocast_state(ctx, input)
 
     @staticmethod
@@ -83,15 +83,19 @@ class LinearFunction(Function):
         input, weight = ctx.saved_tensors
         grad_input = grad_weight = grad_bias = None
         with replay_autocast_state(ctx):
-            grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])  # (N, out)
+            grad_output_2d = _as_2d(grad_output)  # (N, out)
             if ctx.needs_input_grad[0]:
                 if ctx.input_is_column_major:
                     grad_input_2d = weight.t().mm(grad_output_2d.t()).t()  # (N, in)
                 else:
                     grad_input_2d = grad_output_2d.mm(weight)  # (N, in)
-                grad_input = grad_input_2d.reshape(*grad_output.shape[:-1], weight.shape[1])
+                grad_input = (
+                    grad_input_2d
+                    if grad_output.dim() == 2
+                    else grad_input_2d.reshape(*grad_output.shape[:-1], weight.shape[1])
+                )  # (*, in)
             if ctx.needs_input_grad[1]:
-                input_2d = input.reshape(-1, input.shape[-1])  # (N, in)
+                input_2d = _as_2d(input)  # (N, in)
                 if ctx.weight_is_row_major:
                     grad_weight = grad_output_2d.t().mm(input_2d)  # (out, in)
                 else:
@@ -101,16 +105,30 @@ class LinearFunction(Function):
         return grad_input, grad_weight, grad_bias
 
 
+def _as_2d(tensor: torch.Tensor) -> torch.Tensor:
+    """``(*, k)`` → ``(N, k)``; a 2-D tensor is returned as is (no view op)."""
+    return tensor if tensor.dim() == 2 else tensor.reshape(-1, tensor.shape[-1])
+
+
+def _wrapped_by_functorch(tensor: torch.Tensor) -> bool:
+    """True under vmap/grad, whose wrapper tensors expose no strides."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
 def _is_column_major(tensor: torch.Tensor) -> bool:
     """True for a 2-D tensor stored column by column, e.g. the transpose of a contiguous one."""
-    if tensor.dim() != 2:
+    if tensor.dim() != 2 or _wrapped_by_functorch(tensor):
         return False
-    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(
-        tensor
-    ):
-        return False  # vmap/grad wrappers expose no strides
-    rows, _ = tensor.shape
-    return tensor.stride(0) == 1 and tensor.stride(1) == rows
+    return tensor.stride(0) == 1 and tensor.stride(1) == tensor.shape[0]
+
+
+def _is_row_major(tensor: torch.Tensor) -> bool:
+    """True for a 2-D tensor stored row by row (contiguous); then its transpose is column-major."""
+    if tensor.dim() != 2 or _wrapped_by_functorch(tensor):
+        return True
+    return tensor.stride(1) == 1 and tensor.stride(0) == tensor.shape[1]
 
 
 def _opmath(tensor: torch.Tensor) -> torch.Tensor:
@@ -196,7 +214,7 @@ class ReLUFunction(Function):
             return None
         # Zero where y <= 0 (not "keep where y > 0"): a NaN input passes its gradient
         # through, as torch's threshold_backward does.
-        return grad_output.masked_fill(output <= 0, 0)  # (*)
+        return torch.where(output <= 0, 0, grad_output)  # (*)
 
 
 class CrossEntropyFunction(Function):
@@ -208,7 +226,8 @@ class CrossEntropyFunction(Function):
     (``g / #valid`` for mean) and ``0`` for ignored rows.
 
     Inputs: ``input (N, C)`` logits, ``target (N,)`` int64 classes, ``reduction``,
-    ``ignore_index``. Outputs: the loss (``()`` or ``(N,)`` for ``none``) and the
+    ``ignore_index`` (``None`` when the caller knows no target is ignored: no masks).
+    Outputs: the loss (``()`` or ``(N,)`` for ``none``) and the
     log-probabilities ``(N, C)``. The second output is what backward needs; returning it
     (rather than keeping a private copy) keeps it on the autograd graph, so double backward
     through the saved tensor is exact. Use :func:`cross_entropy` for the loss alone.
@@ -223,16 +242,21 @@ class CrossEntropyFunction(Function):
         shifted = logits - row_max  # (N, C) every entry <= 0: exp cannot overflow
         log_sum_exp = shifted.exp().sum(dim=1, keepdim=True).log()  # (N, 1)
         log_probs = (shifted - log_sum_exp).to(input.dtype)  # (N, C)
-        valid = target != ignore_index  # (N,)
-        safe_target = target.masked_fill(~valid, 0)  # (N,) ignored rows read class 0
-        picked = log_probs.gather(1, safe_target.unsqueeze(1)).squeeze(1)  # (N,)
-        losses = _opmath(-picked).masked_fill(~valid, 0)  # (N,)
+        if ignore_index is None:  # no row is ignored: no masks at all
+            losses = _opmath(log_probs.gather(1, target.unsqueeze(1)).squeeze(1)).neg()  # (N,)
+            count = target.shape[0]
+        else:
+            valid = target != ignore_index  # (N,)
+            safe_target = torch.where(valid, target, 0)  # (N,) ignored rows read class 0
+            picked = log_probs.gather(1, safe_target.unsqueeze(1)).squeeze(1)  # (N,)
+            losses = torch.where(valid, _opmath(picked).neg(), 0)  # (N,)
+            count = valid.sum()  # 0 when all are ignored: the mean is 0/0 = nan, as in torch
         if reduction == "none":
             loss = losses
         elif reduction == "sum":
             loss = losses.sum()
-        else:  # mean over non-ignored rows: 0/0 = nan when all are ignored, as in torch
-            loss = losses.sum() / valid.sum()
+        else:
+            loss = losses.sum() / count
         return loss.to(input.dtype), log_probs
 
     @staticmethod
@@ -252,19 +276,9 @@ class CrossEntropyFunction(Function):
         softmax = _opmath(log_probs).exp()  # (N, C)
         grad_input = None
         if grad_loss is not None:
-            valid = target != ctx.ignore_index  # (N,)
-            grad_loss = _opmath(grad_loss)  # () or (N,)
-            if ctx.reduction == "none":
-                row_scale = grad_loss  # (N,)
-            elif ctx.reduction == "sum":
-                row_scale = grad_loss.expand(target.shape)  # (N,)
-            else:
-                row_scale = (grad_loss / valid.sum()).expand(target.shape)  # (N,)
-            row_scale = row_scale.masked_fill(~valid, 0).unsqueeze(1)  # (N, 1)
-            safe_target = target.masked_fill(~valid, 0).unsqueeze(1)  # (N, 1)
-            # (softmax - onehot) · s, formed as softmax·s - s at the target column: the
-            # rounding of torch's own log_softmax + nll_loss backward.
-            grad_input = (softmax * row_scale).scatter_add(1, safe_target, -row_scale)  # (N, C)
+            grad_input = _cross_entropy_grad(
+                softmax, target, _opmath(grad_loss), ctx.reduction, ctx.ignore_index
+            )
         if grad_log_probs is not None:
             # Reached by double backward (or by a caller using log_probs): the log-softmax
             # Jacobian, dlogp/dx · v = v - softmax · Σ_c v_c.
@@ -276,6 +290,38 @@ class CrossEntropyFunction(Function):
         if grad_input is not None:
             grad_input = grad_input.to(log_probs.dtype)
         return grad_input, None, None, None
+
+
+def _cross_entropy_grad(
+    softmax: torch.Tensor,
+    target: torch.Tensor,
+    grad_loss: torch.Tensor,
+    reduction: str,
+    ignore_index: int | None,
+) -> torch.Tensor:
+    """``(softmax - onehot(target)) · s`` for ``softmax (N, C)``, ``target (N,)``, ``grad_loss``
+    ``()`` (``(N,)`` for ``none``); ``s`` is each row's share of ``grad_loss``, 0 if ignored.
+
+    Formed as ``softmax·s - s`` at the target column: the rounding of torch's own
+    log_softmax + nll_loss backward, so the two agree bit for bit given the same softmax.
+    """
+    rows = target.shape[0]
+    if ignore_index is None:
+        if reduction == "none":
+            row_scale = grad_loss.unsqueeze(1)  # (N, 1)
+        else:
+            share = grad_loss / rows if reduction == "mean" else grad_loss  # ()
+            row_scale = share.expand(rows, 1)  # (N, 1)
+        index = target.unsqueeze(1)  # (N, 1)
+    else:
+        valid = target != ignore_index  # (N,)
+        if reduction == "none":
+            share = grad_loss  # (N,)
+        else:
+            share = grad_loss / valid.sum() if reduction == "mean" else grad_loss  # ()
+        row_scale = torch.where(valid, share, 0).unsqueeze(1)  # (N, 1)
+        index = torch.where(valid, target, 0).unsqueeze(1)  # (N, 1)
+    return (softmax * row_scale).scatter_add(1, index, row_scale.neg())  # (N, C)
 
 
 class MSELossFunction(Function):
@@ -364,9 +410,12 @@ def cross_entropy(
     """
     if isinstance(target, torch.Tensor) and target.dtype == torch.uint8:
         target = target.long()  # torch accepts Byte class indices too
-    check_cross_entropy_args(input, target, reduction, ignore_index)
+    may_ignore = check_cross_entropy_args(input, target, reduction, ignore_index)
     (input,) = upcast_like_autocast_fp32_ops(input)
-    loss, _ = CrossEntropyFunction.apply(input, target, reduction, ignore_index)
+    # None tells the Function that no target is ignored, so it can skip the masks.
+    loss, _ = CrossEntropyFunction.apply(
+        input, target, reduction, ignore_index if may_ignore else None
+    )
     return loss
 
 
