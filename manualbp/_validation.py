@@ -134,6 +134,13 @@ def check_mse_args(input: torch.Tensor, target: torch.Tensor, reduction: str) ->
     check_floating(input, "input", "mse_loss")
     check_floating(target, "target", "mse_loss")
     if input.shape != target.shape:
+        try:
+            torch.broadcast_shapes(input.shape, target.shape)
+        except RuntimeError:  # torch's own error type when the shapes cannot broadcast
+            raise RuntimeError(
+                f"mse_loss: input shape {tuple(input.shape)} and target shape "
+                f"{tuple(target.shape)} differ and cannot broadcast; expected equal shapes"
+            ) from None
         raise ValueError(
             f"mse_loss: input shape {tuple(input.shape)} and target shape "
             f"{tuple(target.shape)} differ; expected equal shapes (manualbp does not "
