@@ -20,9 +20,10 @@ _LOWER_PRECISION = (torch.float16, torch.bfloat16)
 def remember_autocast_state(ctx, tensor: torch.Tensor) -> None:
     """Store on ``ctx`` whether autocast is on for ``tensor``'s device, and its dtype."""
     device_type = tensor.device.type
-    ctx.autocast_device_type = device_type
     ctx.autocast_enabled = torch.is_autocast_enabled(device_type)
-    ctx.autocast_dtype = torch.get_autocast_dtype(device_type)
+    if ctx.autocast_enabled:
+        ctx.autocast_device_type = device_type
+        ctx.autocast_dtype = torch.get_autocast_dtype(device_type)
 
 
 def replay_autocast_state(ctx) -> contextlib.AbstractContextManager:
