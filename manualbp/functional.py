@@ -330,7 +330,10 @@ def _cross_entropy_grad(
             share = grad_loss / valid.sum() if reduction == "mean" else grad_loss  # ()
         row_scale = torch.where(valid, share, 0).unsqueeze(1)  # (N, 1)
         index = torch.where(valid, target, 0).unsqueeze(1)  # (N, 1)
-    return (softmax * row_scale).scatter_add(1, index, row_scale.neg())  # (N, C)
+    grad_input = softmax * row_scale  # (N, C)
+    # In place on a fresh tensor: mul saved its inputs, not this output, so this is safe
+    # under double backward too, and it spares a copy of (N, C).
+    return grad_input.scatter_add_(1, index, row_scale.neg())  # (N, C)
 
 
 class MSELossFunction(_HandwrittenFunction):
