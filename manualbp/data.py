@@ -42,7 +42,7 @@ from typing import Literal, Protocol, runtime_checkable
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from manualbp.device_loader import DeviceTensorLoader
 from manualbp.mnist_rebuild import (
@@ -635,12 +635,33 @@ class MNISTDataModule(L.LightningDataModule):
             pin_memory = self.trainer.strategy.root_device.type == "cuda"
         else:
             pin_memory = torch.cuda.is_available()
+        dataset = TensorDataset(inputs, labels)
         return DataLoader(
-            TensorDataset(inputs, labels),
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededRandomSampler(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=pin_memory,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
+
+
+class EpochSeededRandomSampler(RandomSampler):
+    """A random order that depends only on ``seed + epoch``, like the device-resident loader.
+
+    Lightning calls ``set_epoch`` on the sampler at the start of every epoch, so a run resumed
+    from a checkpoint sees the same order as an uninterrupted one. A ``RandomSampler`` still,
+    so under DDP Lightning swaps in a shuffling ``DistributedSampler``.
+    """
+
+    def __init__(self, data_source, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()

@@ -138,15 +138,17 @@ class DeviceTensorLoader:
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self._batches()
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        # A generator: the epoch is read at the first next(), not at iter(). Lightning calls
+        # iter() before it restores the epoch counter of a resumed run; reading it lazily
+        # gives the resumed epoch its own seed + epoch order.
         if self.epoch_fn is not None:
             epoch = self.epoch_fn()
         else:
             epoch = self._next_epoch
             self._next_epoch += 1
-        # The epoch is fixed here, at iter() time, not lazily at the first next().
-        return self._batches(epoch)
-
-    def _batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         num_batches = len(self)
         if not self.shuffle and self.world_size == 1:
             # In-order single-process iteration: contiguous slices are views, no gather needed.

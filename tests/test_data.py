@@ -759,3 +759,17 @@ def test_bad_datamodule_arguments_are_rejected(arguments, message):
 def test_workers_with_device_resident_data_warn():
     with pytest.warns(UserWarning, match="num_workers=2 is ignored with device_resident=True"):
         MNISTDataModule(num_workers=2)
+
+
+def test_dataloader_order_depends_only_on_seed_and_epoch() -> None:
+    """DataLoader mode reshuffles per epoch from ``seed + epoch``, so resume is exact too."""
+    from manualbp.data import EpochSeededRandomSampler
+
+    data = list(range(100))
+    first, again = EpochSeededRandomSampler(data, seed=3), EpochSeededRandomSampler(data, seed=3)
+    first.set_epoch(1)
+    again.set_epoch(1)  # e.g. a run resumed at epoch 1
+    assert list(first) == list(again)
+    assert sorted(first) == data
+    first.set_epoch(2)
+    assert list(first) != list(again)
