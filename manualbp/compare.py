@@ -7,9 +7,10 @@ compared one by one:
 
 * ``exact``      1.0 when the two gradients are bit-identical, else 0.0;
 * ``max_abs``    ``max |g_manual - g_autograd|``;
-* ``max_rel``    ``max_abs / max |g_autograd|`` (normwise: no blow-up at zero entries);
-* ``cosine``     cosine similarity of the flattened gradients;
-* ``norm_ratio`` ``‖g_manual‖ / ‖g_autograd‖``.
+* ``max_rel``    ``max_abs / max |g_autograd|`` (normwise: no blow-up at zero entries;
+                 ``inf`` when the reference is zero and the manual gradient is not);
+* ``cosine``     cosine similarity of the flattened gradients (1 for two zero gradients);
+* ``norm_ratio`` ``‖g_manual‖ / ‖g_autograd‖`` (1 for two zero gradients).
 
 All statistics stay tensors on the model's device until a report is printed, so calling this
 from a training step forces no host-device synchronisation.
@@ -17,6 +18,7 @@ from a training step forces no host-device synchronisation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -64,21 +66,38 @@ def gradients_at(
 
 
 def gradient_agreement(manual: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The five agreement statistics of two gradients of the same shape ``(*)``."""
-    manual, reference = manual.detach().double(), reference.detach().double()
+    """The five agreement statistics of two gradients of the same shape ``(*)``.
+
+    Computed in float64 (float32 on MPS, which has no float64), so the statistics add no
+    round-off of their own to a float32 comparison. Returns name → ``()`` tensor.
+    """
+    if manual.shape != reference.shape:
+        raise ValueError(
+            f"gradient_agreement: shapes differ, manual {tuple(manual.shape)} vs reference "
+            f"{tuple(reference.shape)}"
+        )
+    dtype = torch.float32 if manual.device.type == "mps" else torch.float64
+    manual, reference = manual.detach().to(dtype), reference.detach().to(dtype)
     diff = (manual - reference).abs()
-    max_abs = diff.max() if diff.numel() else diff.new_zeros(())
-    reference_scale = reference.abs().max() if reference.numel() else reference.new_zeros(())
-    manual_norm, reference_norm = manual.norm(), reference.norm()
-    tiny = torch.finfo(torch.float64).tiny
+    zero = manual.new_zeros(())
+    max_abs = diff.max() if diff.numel() else zero
+    scale = reference.abs().max() if reference.numel() else zero
+    manual_norm = torch.linalg.vector_norm(manual)
+    reference_norm = torch.linalg.vector_norm(reference)
+    tiny = torch.finfo(dtype).tiny
+    # Against a zero (or non-finite) reference any difference is an infinite relative error,
+    # so a check can never pass by dividing by nothing.
+    max_rel = torch.where(
+        scale > 0, max_abs / scale.clamp_min(tiny), torch.where(max_abs == 0, 0.0, math.inf)
+    )
+    both_zero = (manual_norm == 0) & (reference_norm == 0)  # two zero gradients agree
+    cosine = (manual * reference).sum() / (manual_norm * reference_norm).clamp_min(tiny)
     return {
-        "exact": (manual == reference).all().double(),
+        "exact": (manual == reference).all().to(dtype),
         "max_abs": max_abs,
-        "max_rel": torch.where(reference_scale > 0, max_abs / reference_scale.clamp_min(tiny), 0),
-        "cosine": torch.nn.functional.cosine_similarity(
-            manual.flatten(), reference.flatten(), dim=0, eps=tiny
-        ),
-        "norm_ratio": manual_norm / reference_norm.clamp_min(tiny),
+        "max_rel": max_rel,
+        "cosine": torch.where(both_zero, 1.0, cosine),
+        "norm_ratio": torch.where(both_zero, 1.0, manual_norm / reference_norm.clamp_min(tiny)),
     }
 
 
@@ -116,7 +135,7 @@ class GradientReport:
         exact = torch.stack([s["exact"] for s in self.statistics.values()])
         scalars[f"{prefix}/max_rel"] = rel.max()
         scalars[f"{prefix}/all_exact"] = exact.min()
-        scalars[f"{prefix}/loss_diff"] = (self.loss_manual - self.loss_autograd).abs().double()
+        scalars[f"{prefix}/loss_diff"] = (self.loss_manual - self.loss_autograd).abs().to(rel.dtype)
         return scalars
 
     def table(self) -> str:
@@ -166,6 +185,14 @@ def compare_gradients(
         targets: the loss targets, e.g. ``(N,)`` class indices.
     """
     parameters = dict(manual_model.named_parameters())
+    reference_names = {name for name, _ in reference_model.named_parameters()}
+    if reference_names != set(parameters):
+        missing = sorted(set(parameters) - reference_names)
+        extra = sorted(reference_names - set(parameters))
+        raise ValueError(
+            "compare_gradients: the models' parameter names differ; missing from the reference "
+            f"model: {missing}, only in the reference model: {extra}"
+        )
     loss_m, grads_m = gradients_at(manual_model, manual_loss, parameters, inputs, targets)
     loss_a, grads_a = gradients_at(reference_model, reference_loss, parameters, inputs, targets)
     statistics = {name: gradient_agreement(grads_m[name], grads_a[name]) for name in grads_m}

@@ -4,9 +4,13 @@ Three comparison modes (``compare=``):
 
 * ``"check"``: train the manual model; every ``check_every_n_steps`` compute the autograd
   gradients on the same batch at the same weights and log their agreement per parameter.
+  The twin's parameters are frozen (``requires_grad=False``): it lends only its structure,
+  so neither the optimizer nor DDP's gradient reducer ever sees them.
 * ``"lockstep"``: train both models, each on its own gradients, on the same batches; log both
   losses and accuracies and the per-parameter divergence. The gradient check runs too.
-* ``"off"``: the manual model alone, the fast path for benchmarks.
+* ``"off"``: one model alone, the fast path for benchmarks: the manual model, or with
+  ``backend="autograd"`` its builtin-autograd twin (the baseline through the same Lightning
+  path).
 
 Both models sit in one optimizer (one parameter group each). SGD and Adam update every
 tensor independently, so this is the same as two optimizers, and one ``step`` per batch keeps
@@ -14,14 +18,28 @@ Lightning's automatic optimization, ``global_step`` and checkpoints simple. Beca
 models share no parameters, ``d(loss_manual + loss_autograd)/dθ_manual`` is exactly
 ``d loss_manual/dθ_manual``: one backward pass serves both.
 
-TensorBoard tags (stable): ``train/loss/{manual,autograd}``, ``train/acc/{..}``,
-``val/loss/{..}``, ``val/acc/{..}``, ``test/..``, ``grad_check/<param>/<statistic>``,
-``grad_check/max_rel``, ``grad_check/worst_max_rel``, ``divergence/<param>``,
-``divergence/max``, ``hp/*`` (hparams-tab metrics).
+TensorBoard tags (stable):
+
+* through ``self.log`` on the steps where Lightning writes (every ``log_every_n_steps``):
+  ``train/loss/{manual,autograd}``, ``train/acc/{manual,autograd}``;
+* at the end of every validation/test epoch: ``val/loss/..``, ``val/acc/..``, ``test/..``
+  and the hparams-tab metrics ``hp/{val,test}_acc_{manual,autograd}``;
+* written directly at the step they were measured on, every ``check_every_n_steps``:
+  ``grad_check/<param>/<statistic>``, ``grad_check/{max_rel,all_exact,loss_diff}``,
+  ``grad_check/worst_max_rel``, ``divergence/<param>``, ``divergence/max`` (and, in check
+  mode, ``train/loss/autograd``: the twin's loss at the manual weights);
+* at the end of training: ``hp/worst_grad_max_rel`` and ``hp/divergence_max``.
+
+Per-step cost: ``self.log`` costs Lightning about a millisecond per call on CPU, more than a
+whole training step of a small net, so the training metrics are logged only on the steps
+Lightning writes to the loggers; values measured in between would never have reached
+TensorBoard. The check steps gather their statistics across ranks in one ``all_gather`` and
+convert them to numbers once; other steps cause no host-device synchronisation.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import lightning as L
@@ -30,7 +48,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from manualbp.compare import compare_gradients
+from manualbp.compare import GradientReport, compare_gradients
 from manualbp.nn import MLP, CrossEntropyLoss, MSELoss, autograd_twin
 
 __all__ = ["HP_METRICS", "TwinModule"]
@@ -39,14 +57,17 @@ CompareMode = Literal["check", "lockstep", "off"]
 LossName = Literal["cross_entropy", "mse"]
 OptimizerName = Literal["sgd", "adam"]
 SchedulerName = Literal["none", "step", "cosine"]
+Batch = tuple[torch.Tensor, torch.Tensor]
 
-# Metrics shown in TensorBoard's hparams tab next to the hyperparameters.
+# Metrics shown in TensorBoard's hparams tab next to the hyperparameters (each run registers
+# the ones its mode produces, see TwinModule.hp_metrics).
 HP_METRICS = (
     "hp/val_acc_manual",
     "hp/val_acc_autograd",
     "hp/test_acc_manual",
     "hp/test_acc_autograd",
     "hp/worst_grad_max_rel",
+    "hp/divergence_max",
 )
 
 
@@ -69,11 +90,19 @@ class TwinModule(L.LightningModule):
         lr_step_size: epochs between decays of the ``step`` scheduler.
         lr_gamma: decay factor of the ``step`` scheduler.
         compare: ``check``, ``lockstep`` or ``off`` (see module docstring).
-        check_every_n_steps: steps between gradient checks and divergence measurements
-            (step 0 is always checked).
+        check_every_n_steps: optimizer steps between gradient checks, divergence measurements
+            and loss finiteness checks (step 0 is always checked).
+        backend: which twin trains with ``compare="off"``: ``manual`` or ``autograd``; the
+            other modes always train the manual model.
 
     Batches: ``(inputs (N, sizes[0]), targets)`` with ``targets`` ``(N,)`` int64 classes, or
     ``(N, sizes[-1])`` floats for ``mse``.
+
+    Attributes:
+        last_gradient_report: the :class:`~manualbp.compare.GradientReport` of the latest
+            gradient check on this rank (``None`` before the first one).
+        worst_grad_max_rel: buffer ``()``, the largest ``grad_check/max_rel`` seen over all
+            checks and ranks so far (saved in checkpoints).
     """
 
     def __init__(
@@ -92,12 +121,19 @@ class TwinModule(L.LightningModule):
         lr_gamma: float = 0.1,
         compare: CompareMode = "lockstep",
         check_every_n_steps: int = 50,
+        backend: Literal["manual", "autograd"] = "manual",
     ) -> None:
         super().__init__()
         _check_choice("loss", loss, ("cross_entropy", "mse"))
         _check_choice("optimizer", optimizer, ("sgd", "adam"))
         _check_choice("lr_scheduler", lr_scheduler, ("none", "step", "cosine"))
         _check_choice("compare", compare, ("check", "lockstep", "off"))
+        _check_choice("backend", backend, ("manual", "autograd"))
+        if backend == "autograd" and compare != "off":
+            raise ValueError(
+                f"TwinModule: backend='autograd' needs compare='off' (compare={compare!r} "
+                "trains the manual model and checks it against its twin)"
+            )
         if not lr > 0:
             raise ValueError(f"TwinModule: lr must be > 0, got {lr}")
         if check_every_n_steps < 1:
@@ -109,20 +145,26 @@ class TwinModule(L.LightningModule):
         self.manual_loss = CrossEntropyLoss() if loss == "cross_entropy" else MSELoss()
         self.autograd_loss = autograd_twin(self.manual_loss)
         self.autograd_model: nn.Module | None = None
-        if compare != "off":
+        if compare != "off" or backend == "autograd":
             self.autograd_model = autograd_twin(self.manual_model)
             # In check mode the twin lends only its structure: gradients are taken at the
             # manual weights. Frozen, it is skipped by the optimizer and by DDP.
-            self.autograd_model.requires_grad_(compare == "lockstep")
-        self.register_buffer("worst_grad_max_rel", torch.zeros((), dtype=torch.float64))
+            self.autograd_model.requires_grad_(compare == "lockstep" or backend == "autograd")
+        if backend == "autograd":
+            self.manual_model.requires_grad_(False)  # built for identical weights, not trained
+        self.register_buffer("worst_grad_max_rel", torch.zeros(()))
+        self.last_gradient_report: GradientReport | None = None
+        self._hparams_tab_written = False
 
     # ----------------------------------------------------------------- helpers
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The manual model's outputs ``(N, sizes[-1])`` for ``inputs (N, sizes[0])``."""
-        return self.manual_model(inputs)
+        """The trained model's outputs ``(N, sizes[-1])`` for ``inputs (N, sizes[0])`` (the
+        manual model's unless ``backend="autograd"``)."""
+        return self._models()[0][1](inputs)
 
     @property
     def lockstep(self) -> bool:
+        """True when both twins train (``compare="lockstep"``)."""
         return self.hparams.compare == "lockstep"
 
     def _loss_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -138,6 +180,7 @@ class TwinModule(L.LightningModule):
 
     @staticmethod
     def _accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Fraction of correct rows ``()`` for outputs ``(N, C)``."""
         if not targets.is_floating_point():
             return (outputs.argmax(dim=-1) == targets).float().mean()
         # Float targets (XOR-style): a sample is right when every output is on the right side
@@ -145,37 +188,52 @@ class TwinModule(L.LightningModule):
         return ((outputs > 0.5) == (targets > 0.5)).all(dim=-1).float().mean()
 
     def _models(self) -> list[tuple[str, nn.Module]]:
+        """The trained models, by tag name."""
+        if self.hparams.backend == "autograd":
+            return [("autograd", self.autograd_model)]
         models = [("manual", self.manual_model)]
         if self.lockstep:
             models.append(("autograd", self.autograd_model))
         return models
 
-    # ---------------------------------------------------------------- training
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        inputs, targets = batch
-        due = self.global_step % self.hparams.check_every_n_steps == 0
-        if due and self.autograd_model is not None:
-            self._log_gradient_check(inputs, targets)
-        if due and self.lockstep:
-            self._log_divergence()
+    def _train_metrics_due(self) -> bool:
+        """Whether Lightning writes this training step's ``self.log`` values to the loggers.
 
-        total = None
-        for name, model in self._models():
-            outputs = model(inputs)
-            loss_fn = self._manual_loss if name == "manual" else self._autograd_loss
-            loss = loss_fn(outputs, targets)
-            if due and not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"the {name} model's training loss is {loss.item()} at step "
-                    f"{self.global_step}; lower the learning rate (lr={self.hparams.lr})"
-                )
-            self.log(f"train/loss/{name}", loss, prog_bar=name == "manual")
-            self.log(f"train/acc/{name}", self._accuracy(outputs.detach(), targets))
-            total = loss if total is None else total + loss
-        return total
+        Lightning writes when ``(step + 1) % log_every_n_steps == 0`` (its counter of stepped
+        batches equals ``global_step`` under automatic optimization), on the last step of
+        ``fast_dev_run`` and when training stops.
+        """
+        trainer = self.trainer
+        every = trainer.log_every_n_steps
+        due = every > 0 and (self.global_step + 1) % every == 0
+        return due or bool(trainer.fast_dev_run) or trainer.should_stop
 
-    def _log_gradient_check(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        report = compare_gradients(
+    @torch.no_grad()
+    def divergence(self) -> dict[str, torch.Tensor]:
+        """``max |θ_manual - θ_autograd|`` per parameter ``()`` and overall (lockstep only).
+
+        Returns ``{"divergence/<param>": (), ..., "divergence/max": ()}``.
+        """
+        if not self.lockstep:
+            raise RuntimeError("TwinModule.divergence: both twins train only in lockstep mode")
+        autograd_params = dict(self.autograd_model.named_parameters())
+        gaps = {
+            f"divergence/{name}": (param - autograd_params[name]).abs().max()
+            for name, param in self.manual_model.named_parameters()
+        }
+        gaps["divergence/max"] = torch.stack(list(gaps.values())).max()
+        return gaps
+
+    def gradient_report(self, inputs: torch.Tensor, targets: torch.Tensor) -> GradientReport:
+        """Manual vs autograd gradients at the manual model's current weights on one batch.
+
+        Args:
+            inputs: ``(N, sizes[0])``.
+            targets: ``(N,)`` int64 classes, or ``(N, sizes[-1])`` floats for ``mse``.
+        """
+        if self.autograd_model is None:
+            raise RuntimeError("TwinModule.gradient_report: this module has no autograd twin")
+        return compare_gradients(
             self.manual_model,
             self.autograd_model,
             self._manual_loss,
@@ -183,60 +241,177 @@ class TwinModule(L.LightningModule):
             inputs,
             targets,
         )
-        scalars = report.as_scalars()
-        self.worst_grad_max_rel = torch.maximum(
-            self.worst_grad_max_rel, scalars["grad_check/max_rel"]
-        )
-        scalars["grad_check/worst_max_rel"] = self.worst_grad_max_rel
-        if not self.lockstep:  # in check mode this is the twin's only loss
-            self.log("train/loss/autograd", report.loss_autograd)
-        for key, value in scalars.items():
-            worst_is_min = key.endswith(("exact", "cosine"))
-            self.log(key, value.float(), sync_dist=True, reduce_fx="min" if worst_is_min else "max")
 
-    @torch.no_grad()
-    def _log_divergence(self) -> None:
-        autograd_params = dict(self.autograd_model.named_parameters())
-        largest = []
-        for name, manual_param in self.manual_model.named_parameters():
-            gap = (manual_param - autograd_params[name]).abs().max()
-            largest.append(gap)
-            self.log(f"divergence/{name}", gap, sync_dist=True, reduce_fx="max")
-        self.log("divergence/max", torch.stack(largest).max(), sync_dist=True, reduce_fx="max")
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        log_now = self._train_metrics_due()
+        progress_bar = self.trainer.progress_bar_callback is not None
+        losses: dict[str, torch.Tensor] = {}
+        models = self._models()
+        for name, model in models:
+            outputs = model(inputs)
+            loss_fn = self._manual_loss if name == "manual" else self._autograd_loss
+            losses[name] = loss_fn(outputs, targets)
+            if log_now:
+                self.log(
+                    f"train/loss/{name}",
+                    losses[name],
+                    prog_bar=progress_bar and name == models[0][0],
+                )
+                self.log(f"train/acc/{name}", self._accuracy(outputs.detach(), targets))
+        if self.global_step % self.hparams.check_every_n_steps == 0:
+            self._check_step(inputs, targets, losses)
+        return sum(losses.values())
+
+    def _check_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, losses: dict[str, torch.Tensor]
+    ) -> None:
+        """Gradient check, divergence and loss finiteness, reduced over ranks and logged at
+        this step. Every rank checks its own batch; all ranks reach the same verdict."""
+        measured: dict[str, torch.Tensor] = {
+            f"_finite/{name}": torch.isfinite(loss.detach()) for name, loss in losses.items()
+        }
+        if self.hparams.compare != "off":
+            self.last_gradient_report = self.gradient_report(inputs, targets)
+            measured.update(self.last_gradient_report.as_scalars())
+            if not self.lockstep:  # in check mode this is the twin's only loss
+                measured["train/loss/autograd"] = self.last_gradient_report.loss_autograd
+        if self.lockstep:
+            measured.update(self.divergence())
+        values = self._reduce_over_ranks(measured)
+
+        broken = [key.split("/")[1] for key in measured if key.startswith("_finite/")]
+        broken = [name for name in broken if values.pop(f"_finite/{name}") < 1]
+        if broken:
+            local = ", ".join(f"{name}={losses[name].item()}" for name in losses)
+            raise FloatingPointError(
+                f"the training loss of the {' and '.join(broken)} model is not finite at step "
+                f"{self.global_step} (this rank: {local}); lower the learning rate "
+                f"(lr={self.hparams.lr})"
+            )
+        if "grad_check/max_rel" in values:
+            previous, current = float(self.worst_grad_max_rel), values["grad_check/max_rel"]
+            nan = math.isnan(previous) or math.isnan(current)  # a NaN check stays the worst
+            worst = math.nan if nan else max(previous, current)
+            self.worst_grad_max_rel.fill_(worst)
+            values["grad_check/worst_max_rel"] = worst
+        self._write(values)
+
+    def _reduce_over_ranks(self, measured: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One ``all_gather`` of every scalar, then the worst value over ranks per key.
+
+        ``exact``, ``cosine`` and finiteness flags take the minimum, ``norm_ratio`` the value
+        farthest from 1, losses rank 0's value (as Lightning's unsynced ``self.log``), the rest
+        the maximum.
+        """
+        keys = list(measured)
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS: no float64
+        stacked = torch.stack([measured[key].detach().to(dtype) for key in keys])  # (K,)
+        if self.trainer.world_size > 1:
+            stacked = self.all_gather(stacked)  # (W, K)
+        per_rank = stacked.reshape(-1, len(keys)).cpu()  # (W, K)
+        values = {}
+        for column, key in enumerate(keys):
+            ranks = per_rank[:, column]  # (W,)
+            if key.startswith("train/loss/"):
+                values[key] = float(ranks[0])
+            elif key.endswith(("exact", "cosine")) or key.startswith("_finite/"):
+                values[key] = float(ranks.min())
+            elif key.endswith("norm_ratio"):
+                values[key] = float(ranks[(ranks - 1).abs().argmax()])
+            else:
+                values[key] = float(ranks.max())
+        return values
+
+    def _write(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Send ``metrics`` straight to every logger at ``step`` (default: this step).
+
+        Loggers write from global rank 0 only."""
+        step = self.global_step if step is None else step
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
 
     # -------------------------------------------------------------- evaluation
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+    def _evaluate(self, batch: Batch, stage: str) -> None:
         inputs, targets = batch
-        for name, model in self._models():
+        models = self._models()
+        for name, model in models:
             outputs = model(inputs)
             loss_fn = self._manual_loss if name == "manual" else self._autograd_loss
             accuracy = self._accuracy(outputs, targets)
             self.log(f"{stage}/loss/{name}", loss_fn(outputs, targets), sync_dist=True)
-            self.log(f"{stage}/acc/{name}", accuracy, sync_dist=True, prog_bar=name == "manual")
+            prog_bar = name == models[0][0]
+            self.log(f"{stage}/acc/{name}", accuracy, sync_dist=True, prog_bar=prog_bar)
             self.log(f"hp/{stage}_acc_{name}", accuracy, sync_dist=True)
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
-    def test_step(self, batch, batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def predict_step(self, batch: Batch | torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """Outputs ``(N, sizes[-1])`` of the trained model for ``(inputs, targets)`` or
+        ``inputs (N, sizes[0])``."""
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(inputs)
+
+    # ------------------------------------------------------------------ hparams
+    def hp_metrics(self) -> tuple[str, ...]:
+        """The ``hp/*`` metrics this module's mode gives values to (a subset of HP_METRICS)."""
+        trained = [name for name, _ in self._models()]
+        metrics = [f"hp/{stage}_acc_{name}" for name in trained for stage in ("val", "test")]
+        if self.hparams.compare != "off":
+            metrics.append("hp/worst_grad_max_rel")
+        if self.lockstep:
+            metrics.append("hp/divergence_max")
+        return tuple(metric for metric in HP_METRICS if metric in metrics)
+
+    def _write_hparams_tab(self) -> None:
+        """Register the hyperparameters (the module's and the DataModule's) and the ``hp/*``
+        metrics in TensorBoard's hparams tab, once per module; the metrics' values arrive
+        later under the same tags (NaN placeholders until then)."""
+        if self._hparams_tab_written:
+            return
+        self._hparams_tab_written = True
+        params = dict(self.hparams)
+        datamodule = self.trainer.datamodule
+        if datamodule is not None:
+            params.update(
+                {
+                    f"data.{key}": value
+                    for key, value in datamodule.hparams.items()
+                    if key != "_class_path"
+                }
+            )
+        params = {key: value for key, value in params.items() if key != "_class_path"}
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(params, dict.fromkeys(self.hp_metrics(), math.nan))
+
     def on_fit_start(self) -> None:
-        # Register the hparams-tab metrics once; their values arrive under the same tags.
-        if isinstance(self.logger, TensorBoardLogger):
-            self.logger.log_hyperparams(self.hparams, dict.fromkeys(HP_METRICS, float("nan")))
+        self._write_hparams_tab()
+
+    def on_validation_start(self) -> None:
+        if not self.trainer.training and self.trainer.state.fn == "validate":
+            self._write_hparams_tab()
+
+    def on_test_start(self) -> None:
+        self._write_hparams_tab()
 
     def on_train_end(self) -> None:
-        if isinstance(self.logger, TensorBoardLogger) and self.autograd_model is not None:
-            self.logger.log_metrics(
-                {"hp/worst_grad_max_rel": float(self.worst_grad_max_rel)}, self.global_step
-            )
+        final = {}
+        if self.hparams.compare != "off":
+            final["hp/worst_grad_max_rel"] = float(self.worst_grad_max_rel)
+        if self.lockstep:
+            final["hp/divergence_max"] = float(self.divergence()["divergence/max"])
+        if final:
+            self._write(final)
 
     # -------------------------------------------------------------- optimizers
     def configure_optimizers(self):
-        groups = [{"params": list(self.manual_model.parameters())}]
-        if self.lockstep:
-            groups.append({"params": list(self.autograd_model.parameters())})
+        groups = [{"params": list(model.parameters())} for _, model in self._models()]
         hp = self.hparams
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(

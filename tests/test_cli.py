@@ -1,0 +1,258 @@
+"""The ``manualbp`` command end to end on real MNIST (CPU): fit, its TensorBoard logs and
+checkpoints, ``test``/``validate`` on the checkpoint, and LightningCLI's config errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from manualbp.cli import cli_main
+from manualbp.module import HP_METRICS
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+TRAIN_STEPS = 12
+CHECK_EVERY = 4  # grad_check/* and divergence/* at steps 0, 4, 8
+NORM_EVERY = 3  # grad_norm/* at steps 0, 3, 6, 9
+HISTOGRAM_EVERY = 5  # grad/* and weight/* histograms at steps 0, 5, 10
+LOG_EVERY = 4  # train/* at steps 3, 7, 11
+
+
+def manualbp_command() -> str:
+    """The installed console script, next to this interpreter when it is in a venv."""
+    script = shutil.which("manualbp", path=str(Path(sys.executable).parent))
+    script = script or shutil.which("manualbp")
+    assert script, "the manualbp console script is not installed (pip install -e .)"
+    return script
+
+
+@dataclass
+class FitRun:
+    """One ``manualbp fit`` run of experiments/mnist_mlp.yaml, shrunk to a few batches."""
+
+    result: subprocess.CompletedProcess
+    log_dir: Path
+    events: EventAccumulator
+
+    def scalars(self, tag: str) -> list[tuple[int, float]]:
+        return [(event.step, event.value) for event in self.events.Scalars(tag)]
+
+
+def run_options(root: Path, data_dir: Path, name: str) -> list[str]:
+    return [
+        f"--config={EXPERIMENTS / 'mnist_mlp.yaml'}",
+        f"--data.init_args.data_dir={data_dir}",
+        f"--trainer.logger.init_args.save_dir={root}",
+        f"--trainer.logger.init_args.name={name}",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_val_batches=2",
+        "--trainer.limit_test_batches=2",
+    ]
+
+
+@pytest.fixture(scope="module")
+def fit_run(tmp_path_factory, mnist_root) -> FitRun:
+    """The real console script in a subprocess, as a user runs it (progress bar on)."""
+    root = tmp_path_factory.mktemp("cli")
+    command = [
+        manualbp_command(),
+        "fit",
+        *run_options(root, mnist_root, "fit"),
+        f"--trainer.limit_train_batches={TRAIN_STEPS}",
+        f"--trainer.log_every_n_steps={LOG_EVERY}",
+        f"--model.check_every_n_steps={CHECK_EVERY}",
+        f"--gradient_monitor.norm_every_n_steps={NORM_EVERY}",
+        f"--gradient_monitor.histogram_every_n_steps={HISTOGRAM_EVERY}",
+    ]
+    result = subprocess.run(
+        command, cwd=root, capture_output=True, text=True, timeout=300, env=dict(os.environ)
+    )
+    log_dir = root / "fit" / "version_0"
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0})
+    if log_dir.is_dir():
+        events.Reload()
+    return FitRun(result, log_dir, events)
+
+
+def test_fit_exits_zero_and_saves_checkpoints(fit_run):
+    assert fit_run.result.returncode == 0, fit_run.result.stderr[-4000:]
+    assert "Traceback" not in fit_run.result.stderr
+    checkpoints = sorted(p.name for p in (fit_run.log_dir / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in checkpoints
+    # The best checkpoint carries the monitored metric in its name.
+    assert any(name.startswith("epoch=0-val_acc=0.") for name in checkpoints), checkpoints
+    assert (fit_run.log_dir / "config.yaml").is_file()
+    assert (fit_run.log_dir / "hparams.yaml").is_file()
+
+
+def test_fit_logs_the_stable_tags_at_their_steps(fit_run):
+    tags = set(fit_run.events.Tags()["scalars"])
+    params = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+    for model in ("manual", "autograd"):
+        for metric in ("loss", "acc"):
+            tag = f"train/{metric}/{model}"
+            assert [s for s, _ in fit_run.scalars(tag)] == [3, 7, 11], tag
+        for tag in (f"val/acc/{model}", f"val/loss/{model}", f"test/acc/{model}"):
+            assert tag in tags
+        for param in params:
+            steps = [s for s, _ in fit_run.scalars(f"grad_norm/{model}/{param}")]
+            assert steps == [0, 3, 6, 9]
+    for param in params:
+        for statistic in ("exact", "max_abs", "max_rel", "cosine", "norm_ratio"):
+            steps = [s for s, _ in fit_run.scalars(f"grad_check/{param}/{statistic}")]
+            assert steps == [0, 4, 8]
+        assert [s for s, _ in fit_run.scalars(f"divergence/{param}")] == [0, 4, 8]
+    for _, value in fit_run.scalars("grad_check/max_rel"):
+        assert value < 1e-5
+    for tag in (
+        "grad_check/worst_max_rel",
+        "grad_check/all_exact",
+        "divergence/max",
+        "lr-SGD/pg1",
+        "lr-SGD/pg2",
+    ):
+        assert tag in tags
+
+    histograms = set(fit_run.events.Tags()["histograms"])
+    for model in ("manual", "autograd"):
+        for param in params:
+            for kind in ("grad", "weight"):
+                tag = f"{kind}/{model}/{param}"
+                assert tag in histograms
+                assert [h.step for h in fit_run.events.Histograms(tag)] == [0, 5, 10]
+
+
+def test_fit_writes_the_hparams_tab_and_final_hp_metrics(fit_run):
+    content = fit_run.events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    metric_names = {info.name.tag for info in experiment.experiment.metric_infos}
+    assert metric_names == set(HP_METRICS)
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = start.session_start_info.hparams
+    assert hparams["lr"].number_value == pytest.approx(0.01)
+    assert hparams["compare"].string_value == "lockstep"
+    assert hparams["data.batch_size"].number_value == 64
+    # Every hp/* metric of a fit + test run gets a real value after its placeholder.
+    for metric in HP_METRICS:
+        step, value = fit_run.scalars(metric)[-1]
+        assert step > 0 and value == value, metric  # not the step-0 NaN placeholder
+    assert fit_run.scalars("hp/val_acc_manual")[-1][1] == fit_run.scalars("val/acc/manual")[-1][1]
+    assert fit_run.scalars("hp/test_acc_manual")[-1][1] == pytest.approx(
+        fit_run.scalars("test/acc/manual")[-1][1]
+    )
+    worst = max(value for _, value in fit_run.scalars("grad_check/max_rel"))
+    assert fit_run.scalars("hp/worst_grad_max_rel")[-1][1] == pytest.approx(worst)
+
+
+@pytest.mark.parametrize("subcommand", ["test", "validate"])
+def test_test_and_validate_run_on_the_checkpoint(fit_run, mnist_root, tmp_path, subcommand):
+    assert fit_run.result.returncode == 0
+    checkpoint = fit_run.log_dir / "checkpoints" / "last.ckpt"
+    cli = cli_main(
+        [
+            subcommand,
+            *run_options(tmp_path, mnist_root, subcommand),
+            f"--ckpt_path={checkpoint}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    stage = "test" if subcommand == "test" else "val"
+    metrics = cli.trainer.callback_metrics
+    # The checkpoint holds the weights the fit run evaluated at its end.
+    for model in ("manual", "autograd"):
+        expected = fit_run.scalars(f"{stage}/acc/{model}")[-1][1]
+        assert metrics[f"{stage}/acc/{model}"].item() == pytest.approx(expected, rel=1e-6)
+    assert metrics[f"{stage}/loss/manual"].item() == pytest.approx(
+        fit_run.scalars(f"{stage}/loss/manual")[-1][1], rel=1e-6
+    )
+    assert cli.model.manual_model.backend == "manual"
+
+
+@pytest.mark.parametrize(
+    ("options", "config", "message"),
+    [
+        (["--model.lr=abc"], None, 'Parser key "model.lr"'),
+        (["--model.compare=sideways"], None, 'Parser key "model.compare"'),
+        (["--model.bogus=1"], None, "unrecognized arguments: --model.bogus"),
+        ([], "model:\n  bogus_key: 3\n", "model.bogus_key"),
+        ([], "trainer:\n  max_epochs: many\n", "trainer.max_epochs"),
+    ],
+    ids=["ill-typed-float", "not-a-choice", "unknown-flag", "unknown-yaml-key", "ill-typed-yaml"],
+)
+def test_bad_config_fails_with_lightningclis_message(
+    tmp_path, capsys, monkeypatch, options, config, message
+):
+    monkeypatch.chdir(tmp_path)  # a run that started would log to ./runs
+    arguments = ["fit", f"--config={EXPERIMENTS / 'mnist_mlp.yaml'}"]
+    if config is not None:
+        (tmp_path / "bad.yaml").write_text(config)
+        arguments.append(f"--config={tmp_path / 'bad.yaml'}")
+    with pytest.raises(SystemExit) as excinfo:
+        cli_main([*arguments, *options])
+    assert excinfo.value.code != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("config", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_experiment_config_builds(tmp_path, monkeypatch, config):
+    """Each experiments/*.yaml parses and instantiates its model, data and trainer."""
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main([f"--config={config}"], run=False)
+    assert isinstance(cli.model.hparams.sizes, list)
+    assert cli.trainer.max_epochs >= 1
+    assert cli.trainer.checkpoint_callback.monitor.startswith("val/acc/")
+
+
+def test_autograd_baseline_checkpoints_on_its_own_accuracy(mnist_root, tmp_path):
+    """compare=off with backend=autograd trains the twin alone; the default checkpoint
+    monitor follows it (there is no val/acc/manual to monitor)."""
+    cli = cli_main(
+        [
+            "fit",
+            *run_options(tmp_path, mnist_root, "baseline"),
+            "--model.compare=off",
+            "--model.backend=autograd",
+            "--trainer.limit_train_batches=3",
+            "--trainer.enable_progress_bar=false",
+            "--test_after_fit=false",
+        ]
+    )
+    assert cli.trainer.checkpoint_callback.monitor == "val/acc/autograd"
+    names = [p.name for p in (tmp_path / "baseline" / "version_0" / "checkpoints").iterdir()]
+    assert any(name.startswith("epoch=0-val_acc=0.") for name in names), names
+    assert "val/acc/manual" not in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize("switch", ["enable_checkpointing", "logger"])
+def test_checkpoints_or_logger_can_be_turned_off(mnist_root, tmp_path, monkeypatch, switch):
+    """``--trainer.enable_checkpointing=false`` drops the checkpoint section's callback and
+    ``--trainer.logger=false`` the learning-rate monitor, instead of failing on them."""
+    monkeypatch.chdir(tmp_path)  # without a logger, checkpoints go to ./checkpoints
+    cli = cli_main(
+        [
+            "fit",
+            *run_options(tmp_path, mnist_root, "switched_off"),
+            f"--trainer.{switch}=false",
+            "--trainer.limit_train_batches=2",
+            "--trainer.enable_progress_bar=false",
+            "--test_after_fit=false",
+        ]
+    )
+    assert cli.trainer.global_step == 2
+    callbacks = {type(callback).__name__ for callback in cli.trainer.callbacks}
+    if switch == "logger":
+        assert cli.trainer.loggers == []
+        assert "LearningRateMonitor" not in callbacks
+        assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    else:
+        assert cli.trainer.checkpoint_callback is None
+        assert "LearningRateMonitor" in callbacks
+        assert not (tmp_path / "switched_off" / "version_0" / "checkpoints").exists()

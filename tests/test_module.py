@@ -1,0 +1,404 @@
+"""TwinModule trained through Lightning on real MNIST (CPU): check, lockstep, off, resume.
+
+Measured on this suite's runs (CPU, float32): the per-step gradient check of a correct model
+gives ``max_rel`` of 1e-7..5e-7 (1.5e-6 at worst over 300 steps) and cosines of 1 to within
+1e-7; lockstep twins trained for 30 steps (784-200-10 ReLU, SGD momentum, lr 0.01) sit
+2e-8..3e-8 apart, a few float32 ulps of weights of size ~0.05.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, TensorDataset
+
+import manualbp.functional
+from manualbp.callbacks import GradientMonitor
+from manualbp.cli import cli_main
+from manualbp.data import MNISTDataModule
+from manualbp.module import HP_METRICS, TwinModule
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+# Float32 round-off bounds for a correct model (measured values are in the module docstring).
+MAX_REL_TOLERANCE = 1e-5
+COSINE_TOLERANCE = 1e-6
+# Lockstep divergence after 30 steps was measured at 2.2e-8 (ReLU) to 3.0e-8 (tanh); the bound
+# leaves a factor of ~4 for other CPUs' summation orders while staying far below any real
+# error (a 1% gradient error moves the weights by ~1e-5 in 30 steps).
+LOCKSTEP_DIVERGENCE_TOLERANCE = 1e-7
+
+
+def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under ``log_dir``: tag → [(step, value)]."""
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {
+        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+    }
+
+
+def make_trainer(log_dir: Path, **overrides) -> L.Trainer:
+    """A quiet CPU trainer logging to TensorBoard under ``log_dir``."""
+    settings = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 1,
+        "limit_val_batches": 1,
+        "logger": TensorBoardLogger(log_dir, name="", version="", default_hp_metric=False),
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    settings.update(overrides)
+    return L.Trainer(**settings)
+
+
+def mnist(root: Path, batch_size: int = 64) -> MNISTDataModule:
+    return MNISTDataModule(data_dir=str(root), batch_size=batch_size, eval_batch_size=500)
+
+
+def steps(series: list[tuple[int, float]]) -> list[int]:
+    return [step for step, _ in series]
+
+
+# ----------------------------------------------------------------------------- check mode
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_check_mode_gradients_agree_to_float32_roundoff(mnist_root, tmp_path, activation):
+    L.seed_everything(0)
+    module = TwinModule(
+        sizes=[784, 64, 32, 10], activation=activation, compare="check", check_every_n_steps=4
+    )
+    initial_twin = copy.deepcopy(module.autograd_model.state_dict())
+    trainer = make_trainer(tmp_path, limit_train_batches=12, log_every_n_steps=4)
+    trainer.fit(module, mnist(mnist_root))
+
+    scalars = read_scalars(tmp_path)
+    assert steps(scalars["grad_check/max_rel"]) == [0, 4, 8]  # written at the step measured
+    assert steps(scalars["train/loss/autograd"]) == [0, 4, 8]  # the twin's loss, at checks
+    params = [name for name, _ in module.manual_model.named_parameters()]
+    for name in params:
+        for _, value in scalars[f"grad_check/{name}/max_rel"]:
+            assert value < MAX_REL_TOLERANCE, name
+        for _, value in scalars[f"grad_check/{name}/cosine"]:
+            assert value > 1 - COSINE_TOLERANCE, name
+        for _, value in scalars[f"grad_check/{name}/norm_ratio"]:
+            assert value == pytest.approx(1.0, abs=MAX_REL_TOLERANCE), name
+    worst = max(value for _, value in scalars["grad_check/max_rel"])
+    assert scalars["grad_check/worst_max_rel"][-1][1] == pytest.approx(worst)
+    assert scalars["hp/worst_grad_max_rel"][-1] == (12, pytest.approx(worst))
+    module.last_gradient_report.assert_close(rtol=MAX_REL_TOLERANCE)
+
+    # The twin only lends its structure: frozen, out of the optimizer, weights untouched.
+    assert not any(p.requires_grad for p in module.autograd_model.parameters())
+    assert len(trainer.optimizers[0].param_groups) == 1
+    for key, value in module.autograd_model.state_dict().items():
+        assert torch.equal(value, initial_twin[key])
+
+
+def test_check_mode_flags_a_broken_backward(mnist_root, tmp_path, monkeypatch):
+    """A sigmoid backward that is 1% too large must be caught, layer by layer: fc2 sits
+    behind one sigmoid (error 1%), fc1 behind two (2.01%), the output layer fc3 behind none."""
+    correct_backward = manualbp.functional.SigmoidFunction.backward
+
+    def backward_one_percent_too_large(ctx, grad_output):
+        return correct_backward(ctx, grad_output) * 1.01
+
+    monkeypatch.setattr(
+        manualbp.functional.SigmoidFunction,
+        "backward",
+        staticmethod(backward_one_percent_too_large),
+    )
+    L.seed_everything(0)
+    module = TwinModule(
+        sizes=[784, 64, 32, 10], activation="sigmoid", compare="check", check_every_n_steps=4
+    )
+    trainer = make_trainer(tmp_path, limit_train_batches=8, log_every_n_steps=4)
+    trainer.fit(module, mnist(mnist_root))
+
+    scalars = read_scalars(tmp_path)
+    for step, value in scalars["grad_check/max_rel"]:
+        assert value == pytest.approx(0.0201, rel=0.01), step
+    for _, value in scalars["grad_check/fc1.weight/max_rel"]:
+        assert value == pytest.approx(0.0201, rel=0.01)
+    for _, value in scalars["grad_check/fc2.weight/max_rel"]:
+        assert value == pytest.approx(0.01, rel=0.01)
+    for _, value in scalars["grad_check/fc3.weight/max_rel"]:
+        assert value < MAX_REL_TOLERANCE
+    assert scalars["hp/worst_grad_max_rel"][-1][1] == pytest.approx(0.0201, rel=0.01)
+
+    report = module.last_gradient_report
+    assert report.max_rel == pytest.approx(0.0201, rel=0.01)
+    with pytest.raises(AssertionError) as excinfo:
+        report.assert_close(rtol=MAX_REL_TOLERANCE)
+    message = str(excinfo.value)
+    for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+        assert name in message.splitlines()[0]
+    assert "fc3" not in message.splitlines()[0]
+
+
+# -------------------------------------------------------------------------- lockstep mode
+def test_lockstep_twins_stay_together_on_mnist(mnist_root, tmp_path):
+    """30 steps of 784-200-10 ReLU / SGD momentum: every parameter of the two twins within
+    LOCKSTEP_DIVERGENCE_TOLERANCE (1e-7) of each other; both losses and accuracies logged."""
+    L.seed_everything(0)
+    module = TwinModule(sizes=[784, 200, 10], compare="lockstep", check_every_n_steps=10)
+    initial = copy.deepcopy(module.manual_model.state_dict())
+    for key, value in module.autograd_model.state_dict().items():
+        assert torch.equal(value, initial[key])  # identical initial weights
+    trainer = make_trainer(tmp_path, limit_train_batches=30, log_every_n_steps=10)
+    trainer.fit(module, mnist(mnist_root))
+
+    assert trainer.global_step == 30
+    divergence = module.divergence()
+    assert divergence["divergence/max"].item() < LOCKSTEP_DIVERGENCE_TOLERANCE
+    assert not torch.equal(module.manual_model.fc1.weight, initial["fc1.weight"])  # it trained
+
+    scalars = read_scalars(tmp_path)
+    assert steps(scalars["divergence/max"]) == [0, 10, 20]
+    assert scalars["divergence/max"][0][1] == 0.0
+    assert all(value < LOCKSTEP_DIVERGENCE_TOLERANCE for _, value in scalars["divergence/max"])
+    assert scalars["hp/divergence_max"][-1] == (30, pytest.approx(divergence["divergence/max"]))
+    for metric in ("loss", "acc"):
+        manual, autograd = scalars[f"train/{metric}/manual"], scalars[f"train/{metric}/autograd"]
+        assert steps(manual) == steps(autograd) == [9, 19, 29]
+        for (_, m), (_, a) in zip(manual, autograd, strict=True):
+            assert m == pytest.approx(a, rel=1e-5)
+    assert scalars["train/loss/manual"][-1][1] < scalars["train/loss/manual"][0][1]
+    for tag in ("val/acc/manual", "val/acc/autograd", "val/loss/manual", "val/loss/autograd"):
+        assert steps(scalars[tag]) == [29]  # Lightning labels it with the last step
+
+
+@pytest.mark.parametrize("backend", ["manual", "autograd"])
+def test_off_mode_logs_fresh_training_metrics(mnist_root, tmp_path, backend):
+    """compare="off" trains one model (the manual one, or the autograd baseline). Training
+    metrics are logged only on the steps Lightning writes: the value written at step s must
+    be the loss of step s, not a stale one."""
+
+    class LossRecorder(L.Callback):
+        def __init__(self) -> None:
+            self.losses: dict[int, float] = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses[trainer.global_step - 1] = outputs["loss"].item()
+
+    recorder = LossRecorder()
+    L.seed_everything(0)
+    module = TwinModule(sizes=[784, 32, 10], compare="off", check_every_n_steps=5, backend=backend)
+    initial = copy.deepcopy(module.manual_model.state_dict())
+    trainer = make_trainer(
+        tmp_path,
+        limit_train_batches=9,
+        log_every_n_steps=3,
+        callbacks=[recorder, GradientMonitor(norm_every_n_steps=4, histogram_every_n_steps=0)],
+    )
+    trainer.fit(module, mnist(mnist_root))
+
+    scalars = read_scalars(tmp_path)
+    logged = scalars[f"train/loss/{backend}"]
+    assert steps(logged) == [2, 5, 8]
+    for step, value in logged:
+        assert value == pytest.approx(recorder.losses[step], rel=1e-7)
+    assert steps(scalars[f"train/acc/{backend}"]) == [2, 5, 8]
+    assert steps(scalars[f"val/acc/{backend}"]) == [8]
+    assert not any(tag.startswith(("grad_check/", "divergence/")) for tag in scalars)
+    other = "autograd" if backend == "manual" else "manual"
+    assert not any(tag.endswith(f"/{other}") for tag in scalars)
+    # The gradient monitor follows the trained model; a frozen twin has no gradients.
+    params = ("fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight")
+    norms = sorted(tag for tag in scalars if tag.startswith("grad_norm/"))
+    assert norms == [f"grad_norm/{backend}/{param}" for param in params]
+    assert steps(scalars[norms[0]]) == [0, 4, 8]
+    if backend == "manual":
+        assert module.autograd_model is None
+    else:
+        assert (
+            module.manual_model.backend == "manual" and module.autograd_model.backend == "autograd"
+        )
+        for key, value in module.manual_model.state_dict().items():
+            assert torch.equal(value, initial[key])  # built for identical weights, not trained
+        assert not torch.equal(module.autograd_model.fc1.weight, initial["fc1.weight"])
+
+
+# ---------------------------------------------------------------------- resume, checkpoints
+@pytest.mark.slow
+def test_resume_from_last_checkpoint_is_exact(mnist_root, tmp_path):
+    """Two epochs straight == one epoch, then a resume from its last.ckpt for the second:
+    identical weights, optimizer state and logged metrics of the second epoch."""
+    common = [
+        f"--config={EXPERIMENTS / 'mnist_mlp.yaml'}",
+        f"--data.init_args.data_dir={mnist_root}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.logger.init_args.name=resume",
+        "--trainer.limit_train_batches=8",
+        "--trainer.limit_val_batches=2",
+        "--trainer.log_every_n_steps=4",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--model.check_every_n_steps=3",
+        "--test_after_fit=false",
+    ]
+    cli_main(["fit", *common, "--trainer.max_epochs=2", "--trainer.logger.init_args.version=full"])
+    cli_main(["fit", *common, "--trainer.max_epochs=1", "--trainer.logger.init_args.version=a"])
+    first_half = tmp_path / "resume" / "a" / "checkpoints" / "last.ckpt"
+    cli_main(
+        [
+            "fit",
+            *common,
+            "--trainer.max_epochs=2",
+            "--trainer.logger.init_args.version=b",
+            f"--ckpt_path={first_half}",
+        ]
+    )
+
+    full = torch.load(tmp_path / "resume/full/checkpoints/last.ckpt", weights_only=False)
+    resumed = torch.load(tmp_path / "resume/b/checkpoints/last.ckpt", weights_only=False)
+    assert full["global_step"] == resumed["global_step"] == 16
+    assert full["state_dict"].keys() == resumed["state_dict"].keys()
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    full_state = full["optimizer_states"][0]["state"]
+    resumed_state = resumed["optimizer_states"][0]["state"]
+    for index, buffers in full_state.items():
+        assert torch.equal(buffers["momentum_buffer"], resumed_state[index]["momentum_buffer"])
+
+    straight = read_scalars(tmp_path / "resume" / "full")
+    second_half = read_scalars(tmp_path / "resume" / "b")
+    for tag in (
+        "val/acc/manual",
+        "val/acc/autograd",
+        "val/loss/manual",
+        "val/loss/autograd",
+        "train/loss/manual",
+        "train/loss/autograd",
+        "grad_check/max_rel",
+        "divergence/max",
+    ):
+        expected = [(step, value) for step, value in straight[tag] if step >= 8]
+        assert expected, tag
+        assert second_half[tag] == expected, tag
+
+
+def test_checkpoint_holds_hyperparameters_and_both_models(mnist_root, tmp_path):
+    hparams = {
+        "sizes": [784, 16, 10],
+        "activation": "tanh",
+        "output_activation": None,
+        "loss": "mse",
+        "optimizer": "adam",
+        "lr": 0.003,
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay": 1e-4,
+        "lr_scheduler": "step",
+        "lr_step_size": 1,
+        "lr_gamma": 0.5,
+        "compare": "lockstep",
+        "check_every_n_steps": 2,
+        "backend": "manual",
+    }
+    L.seed_everything(0)
+    module = TwinModule(**hparams)
+    initial = copy.deepcopy(module.state_dict())
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = make_trainer(
+        tmp_path, limit_train_batches=5, enable_checkpointing=True, callbacks=[checkpoint]
+    )
+    trainer.fit(module, mnist(mnist_root))
+
+    path = tmp_path / "ckpt" / "last.ckpt"
+    saved = torch.load(path, weights_only=False)
+    assert dict(saved["hyper_parameters"]) == hparams
+    assert saved["lr_schedulers"][0]["gamma"] == 0.5
+
+    loaded = TwinModule.load_from_checkpoint(path)
+    assert dict(loaded.hparams) == hparams
+    assert loaded.manual_model.backend == "manual"
+    assert loaded.autograd_model.backend == "autograd"
+    for key, value in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+        if key.startswith(("manual_model.", "autograd_model.")):
+            assert not torch.equal(value, initial[key]), f"{key} was not trained"
+    assert loaded.divergence()["divergence/max"].item() < LOCKSTEP_DIVERGENCE_TOLERANCE
+
+
+# ------------------------------------------------------------------------- failure modes
+@pytest.mark.parametrize("compare", ["lockstep", "check", "off"])
+def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path, compare):
+    inputs = torch.tensor([[0.0, 1.0], [float("nan"), 0.0]])  # (2, 2)
+    targets = torch.tensor([[1.0], [0.0]])  # (2, 1)
+    loader = DataLoader(TensorDataset(inputs, targets), batch_size=2)
+    module = TwinModule(sizes=[2, 4, 1], activation="sigmoid", loss="mse", compare=compare)
+    trainer = make_trainer(tmp_path, logger=False, limit_val_batches=0)
+    with pytest.raises(FloatingPointError, match=r"training loss of the manual.* at step 0"):
+        trainer.fit(module, loader)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"compare": "sideways"}, "compare must be one of"),
+        ({"loss": "hinge"}, "loss must be one of"),
+        ({"optimizer": "rmsprop"}, "optimizer must be one of"),
+        ({"lr_scheduler": "linear"}, "lr_scheduler must be one of"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"check_every_n_steps": 0}, "check_every_n_steps must be >= 1"),
+        ({"backend": "jax"}, "backend must be one of"),
+        ({"backend": "autograd", "compare": "check"}, "backend='autograd' needs compare='off'"),
+    ],
+)
+def test_bad_arguments_are_rejected(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        TwinModule(**arguments)
+
+
+def test_optimizer_groups_follow_the_mode():
+    lockstep = TwinModule(sizes=[4, 3, 2], optimizer="sgd", momentum=0.5, nesterov=True)
+    optimizer = lockstep.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD)
+    manual, autograd = optimizer.param_groups
+    assert manual["params"] == list(lockstep.manual_model.parameters())
+    assert autograd["params"] == list(lockstep.autograd_model.parameters())
+    assert manual["momentum"] == 0.5 and manual["nesterov"]
+
+    check = TwinModule(sizes=[4, 3, 2], compare="check", optimizer="adam", lr_scheduler="step")
+    config = check.configure_optimizers()
+    assert isinstance(config["optimizer"], torch.optim.Adam)
+    assert len(config["optimizer"].param_groups) == 1
+    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+
+
+@pytest.mark.parametrize("backend", ["manual", "autograd"])
+def test_predict_step_returns_the_trained_models_outputs(backend):
+    module = TwinModule(sizes=[4, 3, 2], compare="off", backend=backend)
+    inputs, targets = torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 1])
+    trained = module.autograd_model if backend == "autograd" else module.manual_model
+    expected = trained(inputs)
+    assert torch.equal(module.predict_step((inputs, targets), 0), expected)
+    assert torch.equal(module.predict_step(inputs, 0), expected)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ({"compare": "lockstep"}, HP_METRICS),
+        (
+            {"compare": "check"},
+            ("hp/val_acc_manual", "hp/test_acc_manual", "hp/worst_grad_max_rel"),
+        ),
+        ({"compare": "off"}, ("hp/val_acc_manual", "hp/test_acc_manual")),
+        (
+            {"compare": "off", "backend": "autograd"},
+            ("hp/val_acc_autograd", "hp/test_acc_autograd"),
+        ),
+    ],
+)
+def test_hparams_tab_registers_the_metrics_the_mode_produces(arguments, expected):
+    assert TwinModule(sizes=[4, 3, 2], **arguments).hp_metrics() == expected
