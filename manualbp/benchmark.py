@@ -1,0 +1,444 @@
+"""What does a handwritten backward cost? Manual vs builtin autograd, measured in one process.
+
+Method (the same for every figure):
+
+* both backends are built from one seed with identical weights (:func:`autograd_twin`);
+* a training step is forward + backward + ``SGD(momentum=0.9).step()`` on a fixed batch;
+* warm-up steps are run and discarded; then ``repeats`` rounds, each timing ``steps`` steps of
+  the manual model and ``steps`` steps of the autograd model back to back, in alternating
+  order (AB, BA, AB, ...) so drift in clock speed or load hits both alike;
+* CUDA is synchronised before each clock read; each round gives a ratio manual/autograd and
+  the reported ratio is the **median** of the rounds' ratios;
+* memory of one step: on CUDA the allocator's peak (``max_memory_allocated``) above the
+  memory held before the step; on CPU, which has no allocator statistics, the bytes of the
+  tensors autograd saves for backward (unique storages, counted by a saved-tensor hook), the
+  part of a step's memory that the handwritten Functions control.
+
+Run it with ``python scripts/benchmark.py`` (``--quick`` for a short smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from manualbp.nn import MLP, CrossEntropyLoss, autograd_twin
+
+__all__ = ["CASES", "BenchmarkCase", "main", "measure_case", "run_benchmarks", "to_markdown"]
+
+Step = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class BenchmarkCase:
+    """One network and batch size: ``sizes`` widths (input first), ``activation``, ``batch``."""
+
+    name: str
+    sizes: tuple[int, ...]
+    activation: str
+    batch: int
+    quick: bool = False  # part of the --quick set
+    heavy: bool = False  # compute-bound: few steps, skipped on CPU unless --full
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} @ batch {self.batch}"
+
+
+DEEP_SIGMOID = (784, 128, 128, 128, 128, 128, 128, 10)
+WIDE = (784, 4096, 4096, 4096, 10)
+
+CASES: tuple[BenchmarkCase, ...] = (
+    BenchmarkCase("784-200-10 relu", (784, 200, 10), "relu", 64, quick=True),
+    BenchmarkCase("784-200-10 relu", (784, 200, 10), "relu", 512, quick=True),
+    BenchmarkCase("784-256-128-10 relu", (784, 256, 128, 10), "relu", 128),
+    BenchmarkCase("784-[128x6]-10 sigmoid", DEEP_SIGMOID, "sigmoid", 128),
+    BenchmarkCase("784-4096x3-10 relu", WIDE, "relu", 1024, heavy=True),
+    BenchmarkCase("784-4096x3-10 relu", WIDE, "relu", 8192, heavy=True),
+)
+
+
+@dataclass
+class CaseResult:
+    case: str
+    device: str
+    step_ms_manual: float
+    step_ms_autograd: float
+    step_ratio: float
+    step_ratio_spread: tuple[float, float]
+    memory_kind: str
+    memory_manual_bytes: int
+    memory_autograd_bytes: int
+    memory_ratio: float
+    compiled: dict[str, float] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _twins(case: BenchmarkCase, device: torch.device, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    manual = MLP(list(case.sizes), case.activation, "manual").to(device)
+    return manual, autograd_twin(manual)
+
+
+def _batch(case: BenchmarkCase, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(case.batch, case.sizes[0], generator=generator).to(device)
+    targets = torch.randint(0, case.sizes[-1], (case.batch,), generator=generator).to(device)
+    return inputs, targets
+
+
+def training_step(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+) -> Step:
+    """A closure running forward + backward + SGD-momentum step on ``inputs (N, in)``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(inputs), targets).backward()
+        optimizer.step()
+
+    return step
+
+
+def _time(step: Step, steps: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def interleaved_ratio(
+    step_a: Step, step_b: Step, device: torch.device, *, warmup: int, steps: int, repeats: int
+) -> tuple[float, float, float, tuple[float, float]]:
+    """Median seconds per step of A and B and the median (and range) of per-round A/B."""
+    for _ in range(warmup):
+        step_a()
+        step_b()
+    times_a, times_b, ratios = [], [], []
+    for round_index in range(repeats):
+        if round_index % 2 == 0:
+            a, b = _time(step_a, steps, device), _time(step_b, steps, device)
+        else:
+            b, a = _time(step_b, steps, device), _time(step_a, steps, device)
+        times_a.append(a)
+        times_b.append(b)
+        ratios.append(a / b)
+    spread = (min(ratios), max(ratios))
+    return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios), spread
+
+
+def saved_tensor_bytes(
+    model: nn.Module, loss_fn: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+) -> int:
+    """Bytes of the distinct storages autograd saves for backward during one forward."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_fn(model(inputs), targets)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def cuda_peak_step_bytes(step: Step, device: torch.device) -> int:
+    """Peak allocator bytes of one step above what was allocated before it."""
+    step()  # optimizer state and gradient buffers exist from here on
+    _sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def measure_case(
+    case: BenchmarkCase,
+    device: torch.device,
+    *,
+    warmup: int,
+    steps: int,
+    repeats: int,
+    compiled: bool,
+) -> CaseResult:
+    """Step time and memory of ``case``, manual vs autograd (and compiled, if asked)."""
+    manual, autograd = _twins(case, device)
+    inputs, targets = _batch(case, device)
+    manual_loss, autograd_loss = CrossEntropyLoss(), nn.CrossEntropyLoss()
+    step_m = training_step(manual, manual_loss, inputs, targets)
+    step_a = training_step(autograd, autograd_loss, inputs, targets)
+    time_m, time_a, ratio, spread = interleaved_ratio(
+        step_m, step_a, device, warmup=warmup, steps=steps, repeats=repeats
+    )
+    if device.type == "cuda":
+        kind = "CUDA allocator peak of one step"
+        memory_m, memory_a = (
+            cuda_peak_step_bytes(step_m, device),
+            cuda_peak_step_bytes(step_a, device),
+        )
+    else:
+        kind = "bytes saved for backward"
+        memory_m = saved_tensor_bytes(manual, manual_loss, inputs, targets)
+        memory_a = saved_tensor_bytes(autograd, autograd_loss, inputs, targets)
+    result = CaseResult(
+        case=case.label,
+        device=str(device),
+        step_ms_manual=time_m * 1e3,
+        step_ms_autograd=time_a * 1e3,
+        step_ratio=ratio,
+        step_ratio_spread=spread,
+        memory_kind=kind,
+        memory_manual_bytes=memory_m,
+        memory_autograd_bytes=memory_a,
+        memory_ratio=memory_m / memory_a,
+    )
+    if compiled:
+        result.compiled = measure_compiled(
+            case, device, warmup=warmup, steps=steps, repeats=repeats
+        )
+    return result
+
+
+def measure_compiled(
+    case: BenchmarkCase, device: torch.device, *, warmup: int, steps: int, repeats: int
+) -> dict[str, float]:
+    """The opt-in fast path: ``torch.compile`` of the manual model (CUDA graphs on CUDA, via
+    ``mode="reduce-overhead"``) against builtin autograd eager and compiled."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    manual, autograd = _twins(case, device)
+    eager_autograd = autograd_twin(manual)
+    inputs, targets = _batch(case, device)
+    compiled_manual = torch.compile(manual, mode=mode, fullgraph=True)
+    compiled_autograd = torch.compile(autograd, mode=mode, fullgraph=True)
+    step_cm = training_step(compiled_manual, CrossEntropyLoss(), inputs, targets)
+    step_ca = training_step(compiled_autograd, nn.CrossEntropyLoss(), inputs, targets)
+    step_ea = training_step(eager_autograd, nn.CrossEntropyLoss(), inputs, targets)
+    warm = max(warmup, 3)  # compilation happens in the first calls
+    time_cm, time_ea, vs_eager, _ = interleaved_ratio(
+        step_cm, step_ea, device, warmup=warm, steps=steps, repeats=repeats
+    )
+    _, time_ca, vs_compiled, _ = interleaved_ratio(
+        step_cm, step_ca, device, warmup=warm, steps=steps, repeats=repeats
+    )
+    return {
+        "compile_mode": mode,
+        "step_ms_compiled_manual": time_cm * 1e3,
+        "step_ms_eager_autograd": time_ea * 1e3,
+        "step_ms_compiled_autograd": time_ca * 1e3,
+        "ratio_vs_eager_autograd": vs_eager,
+        "ratio_vs_compiled_autograd": vs_compiled,
+    }
+
+
+def lightning_epoch_seconds(
+    backend: str, device: torch.device, batch_size: int, data_dir: str | None, seed: int = 0
+) -> float:
+    """Wall time of one MNIST training epoch (55k samples) through ``Trainer.fit`` with the
+    device-resident DataModule, no validation, logging or checkpoints."""
+    import lightning as L
+
+    from manualbp.data import MNISTDataModule
+    from manualbp.module import TwinModule
+
+    class EpochTimer(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            _sync(device)
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            _sync(device)
+            self.seconds = time.perf_counter() - self.start
+
+    L.seed_everything(seed, verbose=False)
+    timer = EpochTimer()
+    model = TwinModule(sizes=[784, 200, 10], compare="off", backend=backend)
+    data = MNISTDataModule(data_dir=data_dir, batch_size=batch_size, device_resident=True)
+    trainer = L.Trainer(
+        accelerator=device.type,
+        devices=1,
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    trainer.fit(model, datamodule=data)
+    return timer.seconds
+
+
+def run_benchmarks(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    cases = [c for c in CASES if c.quick or not args.quick]
+    results: dict = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "settings": {"warmup": args.warmup, "steps": args.steps, "repeats": args.repeats},
+        "cases": [],
+        "skipped": [],
+        "lightning_epoch": {},
+    }
+    for case in cases:
+        if case.heavy and device.type == "cpu" and not args.full:
+            results["skipped"].append(
+                f"{case.label}: compute-bound, minutes per step on CPU (--full runs it)"
+            )
+            continue
+        steps = max(1, args.steps // 10) if case.heavy else args.steps
+        # The opt-in compiled path is measured where its target is set: 784-200-10 at batch
+        # 64 and 512 (only the first in --quick: each compile costs seconds).
+        compiled = args.compile and case.name.startswith("784-200-10")
+        compiled = compiled and not (args.quick and results["cases"])
+        result = measure_case(
+            case, device, warmup=args.warmup, steps=steps, repeats=args.repeats, compiled=compiled
+        )
+        results["cases"].append(asdict(result))
+        ratios = f"ratio {result.step_ratio:.3f}, memory ratio {result.memory_ratio:.3f}"
+        print(f"  {case.label}: {ratios}", flush=True)
+    if args.lightning_epoch:
+        times: dict[str, list[float]] = {"manual": [], "autograd": []}
+        for round_index in range(args.epoch_repeats):
+            order = ("manual", "autograd") if round_index % 2 == 0 else ("autograd", "manual")
+            for backend in order:
+                times[backend].append(
+                    lightning_epoch_seconds(backend, device, args.epoch_batch, args.data_dir)
+                )
+        ratios = [m / a for m, a in zip(times["manual"], times["autograd"], strict=True)]
+        results["lightning_epoch"] = {
+            "batch_size": args.epoch_batch,
+            "seconds_manual": statistics.median(times["manual"]),
+            "seconds_autograd": statistics.median(times["autograd"]),
+            "ratio": statistics.median(ratios),
+            "rounds": args.epoch_repeats,
+        }
+    return results
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def to_markdown(results: dict) -> str:
+    """The results as markdown tables (step time and memory; compiled; Lightning epoch)."""
+    lines = [
+        f"Device: {results['device']} (torch {results['torch']}, {results['threads']} threads); "
+        f"warm-up {results['settings']['warmup']}, {results['settings']['steps']} steps x "
+        f"{results['settings']['repeats']} interleaved rounds, medians.",
+        "",
+        "| case | manual ms/step | autograd ms/step | ratio (min-max) "
+        "| memory manual | memory autograd | memory ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["cases"]:
+        low, high = r["step_ratio_spread"]
+        lines.append(
+            f"| {r['case']} | {r['step_ms_manual']:.3f} | {r['step_ms_autograd']:.3f} | "
+            f"{r['step_ratio']:.3f} ({low:.2f}-{high:.2f}) | {_bytes(r['memory_manual_bytes'])} | "
+            f"{_bytes(r['memory_autograd_bytes'])} | {r['memory_ratio']:.3f} |"
+        )
+    if results["cases"]:
+        lines.append("")
+        lines.append(f"Memory: {results['cases'][0]['memory_kind']}.")
+    compiled = [r for r in results["cases"] if r["compiled"]]
+    if compiled:
+        lines += [
+            "",
+            "| case | compiled manual ms | eager autograd ms | compiled autograd ms "
+            "| vs eager autograd | vs compiled autograd |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in compiled:
+            c = r["compiled"]
+            lines.append(
+                f"| {r['case']} | {c['step_ms_compiled_manual']:.3f} | "
+                f"{c['step_ms_eager_autograd']:.3f} | "
+                f"{c['step_ms_compiled_autograd']:.3f} | {c['ratio_vs_eager_autograd']:.3f} | "
+                f"{c['ratio_vs_compiled_autograd']:.3f} |"
+            )
+    epoch = results.get("lightning_epoch")
+    if epoch:
+        lines += [
+            "",
+            f"One MNIST epoch (55,000 samples, 784-200-10, batch {epoch['batch_size']}) "
+            f"through the Lightning Trainer, device-resident data: "
+            f"manual {epoch['seconds_manual']:.3f} s, "
+            f"autograd {epoch['seconds_autograd']:.3f} s, ratio {epoch['ratio']:.3f} "
+            f"(median of {epoch['rounds']} rounds).",
+        ]
+    for skipped in results["skipped"]:
+        lines.append(f"\nSkipped: {skipped}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device, help=f"default: {default_device}")
+    parser.add_argument("--quick", action="store_true", help="two small cases, few steps")
+    parser.add_argument("--full", action="store_true", help="run the compute-bound cases on CPU")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed round")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--no-lightning-epoch", dest="lightning_epoch", action="store_false")
+    parser.add_argument("--epoch-batch", type=int, default=512)
+    parser.add_argument("--epoch-repeats", type=int, default=None)
+    parser.add_argument("--data-dir", default=None, help="MNIST root (default: ./data)")
+    parser.add_argument("--json", default=None, help="write the results here as JSON")
+    parser.add_argument("--markdown", default=None, help="write the tables here")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.warmup = args.warmup if args.warmup is not None else (2 if quick else 10)
+    args.steps = args.steps if args.steps is not None else (5 if quick else 50)
+    args.repeats = args.repeats if args.repeats is not None else (3 if quick else 11)
+    args.epoch_repeats = (
+        args.epoch_repeats if args.epoch_repeats is not None else (1 if quick else 5)
+    )
+    for name in ("warmup", "steps", "repeats", "epoch_batch", "epoch_repeats"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    results = run_benchmarks(args)
+    table = to_markdown(results)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    return results

@@ -1,0 +1,60 @@
+"""Smoke test of the benchmark: ``--quick`` end to end, so the script cannot rot.
+
+Timings are never asserted (they depend on the machine); the test checks that every figure
+the benchmark promises is produced, is a measurement (positive, finite) and is consistent
+with the numbers it was derived from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from manualbp.benchmark import CASES, main, parse_args
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_every_figure(mnist_root, tmp_path) -> None:
+    json_path, markdown_path = tmp_path / "bench.json", tmp_path / "bench.md"
+    results = main(
+        [
+            "--quick",
+            "--device", "cpu",
+            "--warmup", "1",
+            "--steps", "2",
+            "--repeats", "2",
+            "--epoch-batch", "2048",
+            "--data-dir", str(mnist_root),
+            "--json", str(json_path),
+            "--markdown", str(markdown_path),
+        ]
+    )  # fmt: skip
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(results))
+    quick_cases = [c.label for c in CASES if c.quick]
+    assert [r["case"] for r in results["cases"]] == quick_cases
+    for row in results["cases"]:
+        for key in ("step_ms_manual", "step_ms_autograd", "step_ratio"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        low, high = row["step_ratio_spread"]
+        assert low <= row["step_ratio"] <= high
+        assert row["memory_manual_bytes"] > 0 and row["memory_autograd_bytes"] > 0
+        assert row["memory_ratio"] == row["memory_manual_bytes"] / row["memory_autograd_bytes"]
+        # The handwritten Functions save no more for backward than autograd does.
+        assert row["memory_ratio"] <= 1.0
+    compiled = results["cases"][0]["compiled"]
+    for key in ("step_ms_compiled_manual", "step_ms_eager_autograd", "step_ms_compiled_autograd"):
+        assert compiled[key] > 0
+    epoch = results["lightning_epoch"]
+    assert epoch["seconds_manual"] > 0 and epoch["seconds_autograd"] > 0
+    markdown = markdown_path.read_text()
+    for label in quick_cases:
+        assert f"| {label} |" in markdown
+    assert "through the Lightning Trainer" in markdown
+
+
+def test_benchmark_rejects_bad_arguments(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--repeats", "0"])
+    assert "--repeats must be positive" in capsys.readouterr().err
