@@ -296,7 +296,7 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    cases = [c for c in CASES if c.quick or not args.quick]
+    cases = [c for c in CASES if (c.quick or not args.quick) and args.case in c.label]
     results: dict = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -406,6 +406,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=default_device, help=f"default: {default_device}")
     parser.add_argument("--quick", action="store_true", help="two small cases, few steps")
     parser.add_argument("--full", action="store_true", help="run the compute-bound cases on CPU")
+    parser.add_argument("--case", default="", help="only cases whose label contains this text")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="steps per timed round")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
