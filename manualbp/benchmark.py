@@ -61,6 +61,7 @@ CASES: tuple[BenchmarkCase, ...] = (
     BenchmarkCase("784-200-10 relu", (784, 200, 10), "relu", 512, quick=True),
     BenchmarkCase("784-256-128-10 relu", (784, 256, 128, 10), "relu", 128),
     BenchmarkCase("784-[128x6]-10 sigmoid", DEEP_SIGMOID, "sigmoid", 128),
+    BenchmarkCase("784-2048x3-10 relu", (784, 2048, 2048, 2048, 10), "relu", 512, heavy=True),
     BenchmarkCase("784-4096x3-10 relu", WIDE, "relu", 1024, heavy=True),
     BenchmarkCase("784-4096x3-10 relu", WIDE, "relu", 8192, heavy=True),
 )
