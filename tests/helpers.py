@@ -504,3 +504,21 @@ if __name__ == "__main__":
         torch.backends.cuda.matmul.allow_tf32 = False
     tolerances = CUDA_TOLERANCES if device.startswith("cuda") else TOLERANCES
     print(format_report(parity_report(device, tolerances=tolerances)))
+
+
+class SigmoidMissingFactor(torch.autograd.Function):
+    """A deliberately broken sigmoid whose backward forgets the ``(1 - y)`` factor: the
+    meta-tests feed it to the checks to show that they can fail."""
+
+    @staticmethod
+    def forward(input):
+        return torch.sigmoid(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (output,) = ctx.saved_tensors
+        return grad_output * output

@@ -14,6 +14,7 @@ from helpers import (
     PARITY_CASES,
     PARITY_DTYPES,
     ParityCase,
+    SigmoidMissingFactor,
     assert_parity,
     format_report,
     leaf_copy,
@@ -160,24 +161,7 @@ def test_cross_entropy_accepts_uint8_targets_like_torch() -> None:
 # --- the helper must catch a wrong backward ---------------------------------------------
 
 
-class _SigmoidMissingFactor(Function):
-    """A broken sigmoid: backward forgets the ``(1 - y)`` factor."""
-
-    @staticmethod
-    def forward(input):
-        return torch.sigmoid(input)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (output,) = ctx.saved_tensors
-        return grad_output * output
-
-
-class _SigmoidOneUlpOff(_SigmoidMissingFactor):
+class _SigmoidOneUlpOff(SigmoidMissingFactor):
     """A sigmoid whose backward is right up to one ulp per element."""
 
     @staticmethod
@@ -208,7 +192,7 @@ class _MSEWrongTargetSign(Function):
 def test_helper_catches_a_missing_factor() -> None:
     x = torch.randn(5, 4, requires_grad=True)
     with pytest.raises(AssertionError, match="grad"):
-        assert_parity(_SigmoidMissingFactor.apply, torch.sigmoid, (x,), exact=False)
+        assert_parity(SigmoidMissingFactor.apply, torch.sigmoid, (x,), exact=False)
 
 
 def test_helper_catches_one_ulp_when_exactness_is_claimed() -> None:

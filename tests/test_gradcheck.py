@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import SigmoidMissingFactor
 from torch.autograd import gradcheck, gradgradcheck
 from torch.autograd.gradcheck import GradcheckError
 
@@ -160,20 +161,6 @@ def test_gradgradcheck(case: GradcheckCase) -> None:
 def test_gradcheck_catches_a_wrong_backward() -> None:
     """The check can fail: a sigmoid whose backward forgets ``(1 - y)`` is rejected."""
 
-    class BrokenSigmoid(torch.autograd.Function):
-        @staticmethod
-        def forward(input):
-            return torch.sigmoid(input)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(output)
-
-        @staticmethod
-        def backward(ctx, grad_output):
-            (output,) = ctx.saved_tensors
-            return grad_output * output
-
     x = torch.randn(3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(GradcheckError):
-        gradcheck(BrokenSigmoid.apply, (x,))
+        gradcheck(SigmoidMissingFactor.apply, (x,))
