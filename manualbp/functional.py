@@ -51,19 +51,59 @@ __all__ = [
 
 
 class _HandwrittenFunction(Function):
-    """Base of the Functions here: caches ``forward``'s signature once per class.
+    """Base of the Functions here: a fast eager twin of each, and a cached signature.
 
-    ``Function.apply`` of a ``setup_context``-style Function binds its arguments with
-    ``inspect.signature(forward)`` on every call; ``inspect`` returns a precomputed
-    ``__signature__`` at once, which takes about 15 µs off every apply.
+    The ``forward`` + ``setup_context`` style is what ``torch.func`` transforms need, but
+    its ``apply`` costs about 50 µs more per call on the CPU than the classic
+    ``forward(ctx, ...)`` style (measured with torch 2.14: 72-94 µs against 30 µs for a
+    64x200 linear layer whose kernel takes 22 µs) — more than the kernels of a small layer.
+    So every subclass also gets ``cls.eager``: a classic-style Function built from the very
+    same ``forward``, ``setup_context`` and ``backward`` (no formula is written twice). The
+    lowercase aliases call ``eager`` unless a ``torch.func`` transform or ``torch.compile``
+    is active, where they call the class itself. Both give identical results.
+
+    The class itself still caches ``forward``'s signature: ``apply`` binds its arguments
+    with ``inspect.signature(forward)`` on every call, and a precomputed ``__signature__``
+    takes about 15 µs off that.
     """
+
+    eager: type[Function]
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        forward = cls.__dict__.get("forward")
-        if forward is not None:
-            function = forward.__func__ if isinstance(forward, staticmethod) else forward
-            function.__signature__ = inspect.signature(function)
+        forward = cls.__dict__["forward"]
+        function = forward.__func__ if isinstance(forward, staticmethod) else forward
+        function.__signature__ = inspect.signature(function)
+        cls.eager = _classic_style_twin(cls)
+
+
+def _classic_style_twin(cls: type[Function]) -> type[Function]:
+    """A ``forward(ctx, *inputs)`` Function running ``cls``'s forward and setup_context."""
+
+    def forward(ctx, *inputs):
+        output = cls.forward(*inputs)
+        cls.setup_context(ctx, inputs, output)
+        return output
+
+    def backward(ctx, *grad_outputs):
+        return cls.backward(ctx, *grad_outputs)  # looked up per call: patches apply to both
+
+    namespace = {
+        "__doc__": f"{cls.__name__} in the classic forward(ctx, ...) style (faster apply).",
+        "__module__": cls.__module__,
+        "__qualname__": f"{cls.__qualname__}.eager",
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward),
+    }
+    # Same name, so autograd graphs show the same node: ``LinearFunctionBackward``.
+    return type(cls.__name__, (Function,), namespace)
+
+
+def _apply(function: type[_HandwrittenFunction], *inputs):
+    """``function.apply`` under ``torch.compile`` or ``torch.func``, else its eager twin."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return function.apply(*inputs)
+    return function.eager.apply(*inputs)
 
 
 class LinearFunction(_HandwrittenFunction):
@@ -386,19 +426,19 @@ def linear(
 ) -> torch.Tensor:
     """``input (*, in) @ weight (out, in)ᵀ + bias (out,)`` → ``(*, out)``, handwritten backward."""
     check_linear_args(input, weight, bias)
-    return LinearFunction.apply(input, weight, bias)
+    return _apply(LinearFunction, input, weight, bias)
 
 
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
     """Logistic sigmoid of ``input (*)`` → ``(*)``, handwritten backward."""
     check_tensor(input, "input", "sigmoid")
-    return SigmoidFunction.apply(input)
+    return _apply(SigmoidFunction, input)
 
 
 def tanh(input: torch.Tensor) -> torch.Tensor:
     """Hyperbolic tangent of ``input (*)`` → ``(*)``, handwritten backward."""
     check_tensor(input, "input", "tanh")
-    return TanhFunction.apply(input)
+    return _apply(TanhFunction, input)
 
 
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -410,7 +450,7 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     check_tensor(input, "input", "relu")
     if inplace:
         raise ValueError("relu: inplace=True is not supported; expected inplace=False")
-    return ReLUFunction.apply(input)
+    return _apply(ReLUFunction, input)
 
 
 def cross_entropy(
@@ -429,8 +469,8 @@ def cross_entropy(
     may_ignore = check_cross_entropy_args(input, target, reduction, ignore_index)
     (input,) = upcast_like_autocast_fp32_ops(input)
     # None tells the Function that no target is ignored, so it can skip the masks.
-    loss, _ = CrossEntropyFunction.apply(
-        input, target, reduction, ignore_index if may_ignore else None
+    loss, _ = _apply(
+        CrossEntropyFunction, input, target, reduction, ignore_index if may_ignore else None
     )
     return loss
 
@@ -446,4 +486,4 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean")
     if input.dtype != target.dtype:
         common = torch.promote_types(input.dtype, target.dtype)
         input, target = input.to(common), target.to(common)
-    return MSELossFunction.apply(input, target, reduction)
+    return _apply(MSELossFunction, input, target, reduction)
