@@ -312,7 +312,7 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
     for case in cases:
         if case.heavy and device.type == "cpu" and not args.full:
             results["skipped"].append(
-                f"{case.label}: compute-bound, minutes per step on CPU (--full runs it)"
+                f"{case.label}: compute-bound, up to seconds a step on a CPU (--full runs it)"
             )
             continue
         steps = max(1, args.steps // 10) if case.heavy else args.steps
