@@ -98,19 +98,15 @@ def check_class_range(target: torch.Tensor, num_classes: int, ignore_index: int)
     caller may skip the ignore masks; True otherwise.
 
     On CPU the check raises IndexError at once, with one ``aminmax`` in the common case. On
-    CUDA it is queued as an asynchronous device assert (as the builtin kernel does), so the
-    training step never waits for the GPU. Skipped while ``torch.compile`` traces or a
-    ``torch.func`` transform wraps the target, where a data-dependent Python branch is
-    impossible; there the indexing kernel itself still rejects bad indices.
+    CUDA it returns True without looking: reading the targets would make the training step
+    wait for the GPU, and the ``nll_loss`` kernel the forward runs checks them anyway, with
+    an asynchronous device assert. Skipped while ``torch.compile`` traces or a ``torch.func``
+    transform wraps the target, where a data-dependent Python branch is impossible; there
+    the kernel itself still rejects bad indices.
     """
-    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(target):
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
         return True
-    if target.device.type != "cpu":
-        in_range = ((target >= 0) & (target < num_classes)) | (target == ignore_index)
-        torch._assert_async(
-            in_range.all(),
-            f"cross_entropy: target has class indices outside [0, {num_classes})",
-        )
+    if torch._C._functorch.is_functorch_wrapped_tensor(target):
         return True
     if target.numel() == 0:
         return True
