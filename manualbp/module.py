@@ -49,6 +49,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from manualbp.compare import GradientReport, compare_gradients
+from manualbp.cuda_graph import CUDAGraphStep
 from manualbp.nn import MLP, CrossEntropyLoss, MSELoss, autograd_twin
 
 __all__ = ["HP_METRICS", "TwinModule"]
@@ -94,6 +95,11 @@ class TwinModule(L.LightningModule):
             and loss finiteness checks (step 0 is always checked).
         backend: which twin trains with ``compare="off"``: ``manual`` or ``autograd``; the
             other modes always train the manual model.
+        cuda_graph: the opt-in fast path (``compare="off"`` on one CUDA device): forward,
+            loss and backward are captured once as a CUDA graph and replayed for every batch
+            (:class:`~manualbp.cuda_graph.CUDAGraphStep`), and Lightning steps the optimizer
+            (manual optimization), so step counting, checkpoints and schedulers work as
+            usual. A batch of another shape (a short last batch) runs eagerly.
 
     Batches: ``(inputs (N, sizes[0]), targets)`` with ``targets`` ``(N,)`` int64 classes, or
     ``(N, sizes[-1])`` floats for ``mse``.
@@ -122,6 +128,7 @@ class TwinModule(L.LightningModule):
         compare: CompareMode = "lockstep",
         check_every_n_steps: int = 50,
         backend: Literal["manual", "autograd"] = "manual",
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         _check_choice("loss", loss, ("cross_entropy", "mse"))
@@ -133,6 +140,13 @@ class TwinModule(L.LightningModule):
             raise ValueError(
                 f"TwinModule: backend='autograd' needs compare='off' (compare={compare!r} "
                 "trains the manual model and checks it against its twin)"
+            )
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"TwinModule: cuda_graph must be a bool, got {cuda_graph!r}")
+        if cuda_graph and compare != "off":
+            raise ValueError(
+                f"TwinModule: cuda_graph=True needs compare='off' (compare={compare!r} runs "
+                "gradient checks between steps, which a replayed graph cannot)"
             )
         if not lr > 0:
             raise ValueError(f"TwinModule: lr must be > 0, got {lr}")
@@ -155,6 +169,9 @@ class TwinModule(L.LightningModule):
         self.register_buffer("worst_grad_max_rel", torch.zeros(()))
         self.last_gradient_report: GradientReport | None = None
         self._hparams_tab_written = False
+        # With cuda_graph the step is replayed, so Lightning must not call backward itself.
+        self.automatic_optimization = not cuda_graph
+        self._graph_step: CUDAGraphStep | None = None
 
     # ----------------------------------------------------------------- helpers
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -244,6 +261,8 @@ class TwinModule(L.LightningModule):
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        if self.hparams.cuda_graph:
+            return self._graph_training_step(batch)
         inputs, targets = batch
         log_now = self._train_metrics_due()
         progress_bar = self.trainer.progress_bar_callback is not None
@@ -263,6 +282,29 @@ class TwinModule(L.LightningModule):
         if self.global_step % self.hparams.check_every_n_steps == 0:
             self._check_step(inputs, targets, losses)
         return sum(losses.values())
+
+    def _graph_training_step(self, batch: Batch) -> torch.Tensor:
+        """``cuda_graph=True``: replay the captured forward + backward, then step."""
+        inputs, targets = batch
+        name, model = self._models()[0]
+        loss_fn = self._manual_loss if name == "manual" else self._autograd_loss
+        if self._graph_step is None:  # captured at the first batch (weights untouched)
+            self._graph_step = CUDAGraphStep(model, loss_fn, inputs, targets)
+        loss, outputs = self._graph_step(inputs, targets)
+        if self._train_metrics_due():
+            # Clones: the graph's own outputs are overwritten by the next replay.
+            progress_bar = self.trainer.progress_bar_callback is not None
+            self.log(f"train/loss/{name}", loss.clone(), prog_bar=progress_bar)
+            self.log(f"train/acc/{name}", self._accuracy(outputs, targets))
+        if self.global_step % self.hparams.check_every_n_steps == 0:
+            self._check_step(inputs, targets, {name: loss})
+        self.optimizers().step()  # through Lightning: counts global_step, runs its hooks
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        scheduler = self.lr_schedulers() if not self.automatic_optimization else None
+        if scheduler is not None:  # manual optimization steps its schedulers itself
+            scheduler.step()
 
     def _check_step(
         self, inputs: torch.Tensor, targets: torch.Tensor, losses: dict[str, torch.Tensor]
@@ -391,6 +433,18 @@ class TwinModule(L.LightningModule):
                 logger.log_hyperparams(params, dict.fromkeys(self.hp_metrics(), math.nan))
 
     def on_fit_start(self) -> None:
+        if self.hparams.cuda_graph:
+            if self.device.type != "cuda":
+                raise ValueError(
+                    f"TwinModule: cuda_graph=True needs a CUDA device, but the trainer runs on "
+                    f"{self.device.type}; use accelerator='gpu' or cuda_graph=False"
+                )
+            if self.trainer.world_size > 1:
+                raise ValueError(
+                    "TwinModule: cuda_graph=True runs on one device; got world_size="
+                    f"{self.trainer.world_size}"
+                )
+        self._graph_step = None  # a new fit captures anew
         self._write_hparams_tab()
 
     def on_validation_start(self) -> None:

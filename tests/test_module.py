@@ -303,6 +303,7 @@ def test_checkpoint_holds_hyperparameters_and_both_models(mnist_root, tmp_path):
         "compare": "lockstep",
         "check_every_n_steps": 2,
         "backend": "manual",
+        "cuda_graph": False,
     }
     L.seed_everything(0)
     module = TwinModule(**hparams)
@@ -352,6 +353,8 @@ def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path, compare):
         ({"check_every_n_steps": 0}, "check_every_n_steps must be >= 1"),
         ({"backend": "jax"}, "backend must be one of"),
         ({"backend": "autograd", "compare": "check"}, "backend='autograd' needs compare='off'"),
+        ({"cuda_graph": True}, "cuda_graph=True needs compare='off'"),
+        ({"cuda_graph": "yes", "compare": "off"}, "cuda_graph must be a bool"),
     ],
 )
 def test_bad_arguments_are_rejected(arguments, message):

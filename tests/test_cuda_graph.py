@@ -1,0 +1,208 @@
+"""The CUDA-graph fast path: ``CUDAGraphStep`` and ``TwinModule(cuda_graph=True)``.
+
+On a GPU a replayed step must train exactly like the eager step it recorded (same kernels,
+same order): parameters, losses and optimizer state are compared bit for bit, for the
+manual and the builtin-autograd model, with SGD and a capturable Adam, through a short last
+batch that falls back to the eager step. Without a GPU only the argument checks run.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from manualbp.cuda_graph import CUDAGraphStep
+from manualbp.module import TwinModule
+from manualbp.nn import MLP, CrossEntropyLoss, autograd_twin
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return MLP([12, 16, 5], "relu", "manual")
+
+
+# ------------------------------------------------------------------ argument checks (CPU)
+@pytest.mark.parametrize(
+    ("make_optimizer", "message"),
+    [
+        (
+            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.5),
+            "SGD must have dampening=0",
+        ),
+        (lambda p: torch.optim.Adam(p, lr=0.1), "Adam must be built with capturable=True"),
+        (lambda p: torch.optim.RMSprop(p, lr=0.1), "RMSprop is not supported"),
+    ],
+)
+def test_uncapturable_optimizers_are_refused(make_optimizer, message) -> None:
+    model = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        CUDAGraphStep(
+            model,
+            CrossEntropyLoss(),
+            torch.randn(4, 12),
+            torch.zeros(4, dtype=torch.long),
+            optimizer=make_optimizer(model.parameters()),
+        )
+
+
+def test_cpu_tensors_are_refused_with_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="inputs must be a tensor on a CUDA device, got cpu"):
+        CUDAGraphStep(
+            tiny_model(), CrossEntropyLoss(), torch.randn(4, 12), torch.zeros(4, dtype=torch.long)
+        )
+
+
+def test_warmup_steps_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="warmup_steps must be an int >= 1, got 0"):
+        CUDAGraphStep(
+            tiny_model(),
+            CrossEntropyLoss(),
+            torch.randn(4, 12),
+            torch.zeros(4, dtype=torch.long),
+            warmup_steps=0,
+        )
+
+
+def test_twin_module_refuses_cuda_graph_on_the_cpu(tmp_path) -> None:
+    loader = DataLoader(TensorDataset(torch.randn(8, 12), torch.zeros(8, dtype=torch.long)))
+    module = TwinModule(sizes=[12, 16, 5], compare="off", cuda_graph=True)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(ValueError, match=r"cuda_graph=True needs a CUDA device.*runs on cpu"):
+        trainer.fit(module, loader)
+
+
+# ------------------------------------------------------------------------- on a GPU
+def batches(count: int, rows: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(rows, 12, generator=generator).cuda(),
+            torch.randint(0, 5, (rows,), generator=generator).cuda(),
+        )
+        for _ in range(count)
+    ]
+
+
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-2, capturable=True),
+}
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("backend", ["manual", "autograd"])
+def test_replayed_steps_train_exactly_like_eager_steps(backend, optimizer_name) -> None:
+    """Six full batches and one short one (eager fallback), graph vs eager: every loss,
+    parameter and optimizer-state tensor equal bit for bit."""
+    eager_model = tiny_model().cuda()
+    if backend == "autograd":
+        eager_model = autograd_twin(eager_model)
+    graph_model = autograd_twin(eager_model) if backend == "autograd" else tiny_model().cuda()
+    loss_fn = nn.CrossEntropyLoss() if backend == "autograd" else CrossEntropyLoss()
+    eager_optimizer = OPTIMIZERS[optimizer_name](eager_model.parameters())
+    graph_optimizer = OPTIMIZERS[optimizer_name](graph_model.parameters())
+    data = batches(6, 8, seed=1)
+    data.insert(3, batches(1, 3, seed=2)[0])  # a short batch in the middle
+
+    step = CUDAGraphStep(graph_model, loss_fn, *data[0], optimizer=graph_optimizer)
+    for index, (inputs, targets) in enumerate(data):
+        if index == 2:  # as Lightning does before validation: the step must re-attach them
+            graph_optimizer.zero_grad(set_to_none=True)
+        eager_optimizer.zero_grad(set_to_none=True)
+        eager_loss = loss_fn(eager_model(inputs), targets)
+        eager_loss.backward()
+        eager_optimizer.step()
+        graph_loss, outputs = step(inputs, targets)
+        assert torch.equal(graph_loss, eager_loss.detach())
+        assert outputs.shape == (inputs.shape[0], 5)
+    for (name, eager_param), graph_param in zip(
+        eager_model.named_parameters(), graph_model.parameters(), strict=True
+    ):
+        assert torch.equal(graph_param, eager_param), name
+        assert torch.equal(graph_param.grad, eager_param.grad), name
+    for eager_state, graph_state in zip(
+        eager_optimizer.state.values(), graph_optimizer.state.values(), strict=True
+    ):
+        for key, value in eager_state.items():
+            assert torch.equal(graph_state[key], value), key
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_capture_leaves_weights_and_optimizer_untouched() -> None:
+    """The warm-up steps before capture are undone: the first replay is the first step."""
+    model = tiny_model().cuda()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = CUDAGraphStep(model, CrossEntropyLoss(), *batches(1, 8, seed=3)[0], optimizer=optimizer)
+    for (name, p), static_grad in zip(model.named_parameters(), step.static_grads, strict=True):
+        assert torch.equal(p, before[name]), name
+        assert p.grad is static_grad, name  # the buffer every replay writes
+        assert torch.count_nonzero(optimizer.state[p]["momentum_buffer"]) == 0, name
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["manual", "autograd"])
+def test_twin_module_cuda_graph_trains_like_the_eager_module(tmp_path, backend) -> None:
+    """Two epochs with a short last batch, a validation loop (before which Lightning sets
+    every ``.grad`` to None) and a step scheduler: same weights, same number of optimizer
+    steps, same learning rate as the automatic-optimization module."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    generator = torch.Generator().manual_seed(0)
+    dataset = TensorDataset(torch.randn(50, 12, generator=generator), torch.arange(50) % 5)
+    results = {}
+    for cuda_graph in (False, True):
+        L.seed_everything(0)
+        module = TwinModule(
+            sizes=[12, 16, 5],
+            compare="off",
+            backend=backend,
+            cuda_graph=cuda_graph,
+            lr_scheduler="step",
+            lr_step_size=1,
+            lr_gamma=0.5,
+            check_every_n_steps=2,
+        )
+        trainer = L.Trainer(
+            accelerator="gpu",
+            devices=1,
+            max_epochs=2,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        loader = DataLoader(dataset, batch_size=16)  # 16, 16, 16, 2 rows
+        trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+        model = module.manual_model if backend == "manual" else module.autograd_model
+        results[cuda_graph] = (
+            {name: p.detach().cpu() for name, p in model.named_parameters()},
+            trainer.global_step,
+            trainer.optimizers[0].param_groups[0]["lr"],
+        )
+    (eager_params, eager_steps, eager_lr), (graph_params, graph_steps, graph_lr) = (
+        results[False],
+        results[True],
+    )
+    assert graph_steps == eager_steps == 8
+    assert graph_lr == eager_lr == pytest.approx(0.01 * 0.25)
+    for name, value in eager_params.items():
+        assert torch.equal(graph_params[name], value), name
