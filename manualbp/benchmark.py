@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from manualbp.cuda_graph import CUDAGraphStep
 from manualbp.nn import MLP, CrossEntropyLoss, autograd_twin
 
 __all__ = ["CASES", "BenchmarkCase", "main", "measure_case", "run_benchmarks", "to_markdown"]
@@ -80,6 +81,7 @@ class CaseResult:
     memory_autograd_bytes: int
     memory_ratio: float
     compiled: dict[str, float] = field(default_factory=dict)
+    cuda_graph: dict[str, float] = field(default_factory=dict)
 
 
 def _sync(device: torch.device) -> None:
@@ -253,30 +255,64 @@ def measure_compiled(
     }
 
 
-def lightning_epoch_seconds(
-    backend: str, device: torch.device, batch_size: int, data_dir: str | None, seed: int = 0
-) -> float:
-    """Wall time of one MNIST training epoch (55k samples) through ``Trainer.fit`` with the
-    device-resident DataModule, no validation, logging or checkpoints."""
+def measure_cuda_graph(
+    case: BenchmarkCase, device: torch.device, *, warmup: int, steps: int, repeats: int
+) -> dict[str, float]:
+    """The opt-in fast path on CUDA: the whole step (forward, backward, SGD-momentum step)
+    captured as one CUDA graph (:class:`CUDAGraphStep`), against builtin autograd eager and
+    against the autograd model captured the same way."""
+    manual, autograd = _twins(case, device)
+    eager_autograd = autograd_twin(manual)
+    inputs, targets = _batch(case, device)
+
+    def graphed(model: nn.Module, loss_fn: nn.Module) -> Step:
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        graph_step = CUDAGraphStep(model, loss_fn, inputs, targets, optimizer=optimizer)
+        return lambda: graph_step(inputs, targets)
+
+    step_gm = graphed(manual, CrossEntropyLoss())
+    step_ga = graphed(autograd, nn.CrossEntropyLoss())
+    step_ea = training_step(eager_autograd, nn.CrossEntropyLoss(), inputs, targets)
+    time_gm, time_ea, vs_eager, _ = interleaved_ratio(
+        step_gm, step_ea, device, warmup=warmup, steps=steps, repeats=repeats
+    )
+    _, time_ga, vs_graphed, _ = interleaved_ratio(
+        step_gm, step_ga, device, warmup=warmup, steps=steps, repeats=repeats
+    )
+    return {
+        "step_ms_graphed_manual": time_gm * 1e3,
+        "step_ms_eager_autograd": time_ea * 1e3,
+        "step_ms_graphed_autograd": time_ga * 1e3,
+        "ratio_vs_eager_autograd": vs_eager,
+        "ratio_vs_graphed_autograd": vs_graphed,
+    }
+
+
+class _EpochTimer:
+    """A Lightning callback (built lazily: Lightning is imported only when needed) that
+    records the wall time of the last training epoch, CUDA synchronised."""
+
+    def __new__(cls, device: torch.device):
+        import lightning as L
+
+        class EpochTimer(L.Callback):
+            seconds = float("nan")
+
+            def on_train_epoch_start(self, trainer, pl_module) -> None:
+                _sync(device)
+                self.start = time.perf_counter()
+
+            def on_train_epoch_end(self, trainer, pl_module) -> None:
+                _sync(device)
+                self.seconds = time.perf_counter() - self.start
+
+        return EpochTimer()
+
+
+def _bare_trainer(device: torch.device, callbacks: list):
     import lightning as L
 
-    from manualbp.data import MNISTDataModule
-    from manualbp.module import TwinModule
-
-    class EpochTimer(L.Callback):
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            _sync(device)
-            self.start = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            _sync(device)
-            self.seconds = time.perf_counter() - self.start
-
-    L.seed_everything(seed, verbose=False)
-    timer = EpochTimer()
-    model = TwinModule(sizes=[784, 200, 10], compare="off", backend=backend)
-    data = MNISTDataModule(data_dir=data_dir, batch_size=batch_size, device_resident=True)
-    trainer = L.Trainer(
+    return L.Trainer(
         accelerator=device.type,
         devices=1,
         max_epochs=1,
@@ -285,9 +321,72 @@ def lightning_epoch_seconds(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=callbacks,
     )
-    trainer.fit(model, datamodule=data)
+
+
+def conventional_epoch_seconds(
+    device: torch.device,
+    batch_size: int,
+    data_dir: str | None,
+    num_workers: int = 4,
+    seed: int = 0,
+) -> float:
+    """Wall time of one MNIST epoch (60k samples) through ``Trainer.fit`` the conventional
+    way: ``torchvision.datasets.MNIST`` with ``ToTensor`` + ``Normalize`` per sample and a
+    ``DataLoader`` with ``num_workers`` workers, for the manual 784-200-10 model."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    from manualbp.data import MNIST_MEAN, MNIST_STD, default_data_dir, ensure_mnist
+    from manualbp.module import TwinModule
+
+    root = data_dir if data_dir is not None else default_data_dir()
+    ensure_mnist(root)
+    transform = transforms.Compose(
+        [
+            transforms.ToTensor(),
+            transforms.Normalize((MNIST_MEAN,), (MNIST_STD,)),
+            transforms.Lambda(torch.flatten),
+        ]
+    )
+    dataset = datasets.MNIST(str(root), train=True, transform=transform, download=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    L.seed_everything(seed, verbose=False)
+    timer = _EpochTimer(device)
+    model = TwinModule(sizes=[784, 200, 10], compare="off", backend="manual")
+    _bare_trainer(device, [timer]).fit(model, train_dataloaders=loader)
+    return timer.seconds
+
+
+def lightning_epoch_seconds(
+    backend: str,
+    device: torch.device,
+    batch_size: int,
+    data_dir: str | None,
+    seed: int = 0,
+    cuda_graph: bool = False,
+) -> float:
+    """Wall time of one MNIST training epoch (55k samples) through ``Trainer.fit`` with the
+    device-resident DataModule, no validation, logging or checkpoints (``cuda_graph``: the
+    module's CUDA-graph fast path)."""
+    import lightning as L
+
+    from manualbp.data import MNISTDataModule
+    from manualbp.module import TwinModule
+
+    L.seed_everything(seed, verbose=False)
+    timer = _EpochTimer(device)
+    model = TwinModule(sizes=[784, 200, 10], compare="off", backend=backend, cuda_graph=cuda_graph)
+    data = MNISTDataModule(data_dir=data_dir, batch_size=batch_size, device_resident=True)
+    _bare_trainer(device, [timer]).fit(model, datamodule=data)
     return timer.seconds
 
 
@@ -323,26 +422,56 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
         result = measure_case(
             case, device, warmup=args.warmup, steps=steps, repeats=args.repeats, compiled=compiled
         )
+        if device.type == "cuda" and args.cuda_graph:
+            result.cuda_graph = measure_cuda_graph(
+                case, device, warmup=args.warmup, steps=steps, repeats=args.repeats
+            )
         results["cases"].append(asdict(result))
         ratios = f"ratio {result.step_ratio:.3f}, memory ratio {result.memory_ratio:.3f}"
         print(f"  {case.label}: {ratios}", flush=True)
     if args.lightning_epoch:
-        times: dict[str, list[float]] = {"manual": [], "autograd": []}
-        for round_index in range(args.epoch_repeats):
-            order = ("manual", "autograd") if round_index % 2 == 0 else ("autograd", "manual")
-            for backend in order:
-                times[backend].append(
-                    lightning_epoch_seconds(backend, device, args.epoch_batch, args.data_dir)
-                )
-        ratios = [m / a for m, a in zip(times["manual"], times["autograd"], strict=True)]
-        results["lightning_epoch"] = {
-            "batch_size": args.epoch_batch,
-            "seconds_manual": statistics.median(times["manual"]),
-            "seconds_autograd": statistics.median(times["autograd"]),
-            "ratio": statistics.median(ratios),
-            "rounds": args.epoch_repeats,
-        }
+        results["lightning_epoch"] = _lightning_epochs(args, device)
     return results
+
+
+def _lightning_epochs(args: argparse.Namespace, device: torch.device) -> dict:
+    """Interleaved epochs of every variant, medians; plus the conventional pipeline."""
+    variants = ["manual", "autograd"]
+    if device.type == "cuda" and args.cuda_graph:
+        variants += ["manual+cuda_graph", "autograd+cuda_graph"]
+    times: dict[str, list[float]] = {variant: [] for variant in variants}
+    for round_index in range(args.epoch_repeats):
+        order = variants if round_index % 2 == 0 else variants[::-1]
+        for variant in order:
+            backend, _, graph = variant.partition("+")
+            seconds = lightning_epoch_seconds(
+                backend, device, args.epoch_batch, args.data_dir, cuda_graph=bool(graph)
+            )
+            times[variant].append(seconds)
+    ratios = [m / a for m, a in zip(times["manual"], times["autograd"], strict=True)]
+    epoch = {
+        "batch_size": args.epoch_batch,
+        "samples": 55_000,
+        "seconds": {variant: statistics.median(values) for variant, values in times.items()},
+        "seconds_manual": statistics.median(times["manual"]),
+        "seconds_autograd": statistics.median(times["autograd"]),
+        "ratio": statistics.median(ratios),
+        "rounds": args.epoch_repeats,
+    }
+    if args.conventional_epoch:
+        conventional = [
+            conventional_epoch_seconds(
+                device, args.epoch_batch, args.data_dir, num_workers=args.conventional_workers
+            )
+            for _ in range(args.conventional_repeats)
+        ]
+        epoch["conventional"] = {
+            "samples": 60_000,
+            "num_workers": args.conventional_workers,
+            "seconds": statistics.median(conventional),
+            "rounds": args.conventional_repeats,
+        }
+    return epoch
 
 
 def _bytes(n: int) -> str:
@@ -386,15 +515,49 @@ def to_markdown(results: dict) -> str:
                 f"{c['step_ms_compiled_autograd']:.3f} | {c['ratio_vs_eager_autograd']:.3f} | "
                 f"{c['ratio_vs_compiled_autograd']:.3f} |"
             )
+    graphed = [r for r in results["cases"] if r.get("cuda_graph")]
+    if graphed:
+        lines += [
+            "",
+            "| case | CUDA-graph manual ms | eager autograd ms | CUDA-graph autograd ms "
+            "| vs eager autograd | vs CUDA-graph autograd |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in graphed:
+            g = r["cuda_graph"]
+            lines.append(
+                f"| {r['case']} | {g['step_ms_graphed_manual']:.3f} | "
+                f"{g['step_ms_eager_autograd']:.3f} | {g['step_ms_graphed_autograd']:.3f} | "
+                f"{g['ratio_vs_eager_autograd']:.3f} | {g['ratio_vs_graphed_autograd']:.3f} |"
+            )
     epoch = results.get("lightning_epoch")
     if epoch:
         lines += [
             "",
-            f"One MNIST epoch (55,000 samples, 784-200-10, batch {epoch['batch_size']}) "
-            f"through the Lightning Trainer, device-resident data: "
-            f"manual {epoch['seconds_manual']:.3f} s, "
-            f"autograd {epoch['seconds_autograd']:.3f} s, ratio {epoch['ratio']:.3f} "
-            f"(median of {epoch['rounds']} rounds).",
+            f"One MNIST epoch through the Lightning Trainer (784-200-10, batch "
+            f"{epoch['batch_size']}, SGD momentum; median of {epoch['rounds']} interleaved "
+            "rounds):",
+            "",
+            "| pipeline | seconds | samples/s |",
+            "| --- | --- | --- |",
+        ]
+        for variant, seconds in epoch["seconds"].items():
+            lines.append(
+                f"| device-resident DataModule, {variant} | {seconds:.3f} | "
+                f"{epoch['samples'] / seconds:,.0f} |"
+            )
+        conventional = epoch.get("conventional")
+        if conventional:
+            lines.append(
+                f"| torchvision MNIST + DataLoader ({conventional['num_workers']} workers), "
+                f"manual | {conventional['seconds']:.3f} | "
+                f"{conventional['samples'] / conventional['seconds']:,.0f} |"
+            )
+        lines += [
+            "",
+            f"Manual/autograd epoch ratio {epoch['ratio']:.3f}. The device-resident epoch has "
+            f"{epoch['samples']:,} samples (5,000 are held out for validation), the "
+            "conventional one 60,000.",
         ]
     for skipped in results["skipped"]:
         lines.append(f"\nSkipped: {skipped}")
@@ -413,8 +576,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--no-lightning-epoch", dest="lightning_epoch", action="store_false")
+    parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
     parser.add_argument("--epoch-batch", type=int, default=512)
     parser.add_argument("--epoch-repeats", type=int, default=None)
+    parser.add_argument(
+        "--no-conventional-epoch",
+        dest="conventional_epoch",
+        action="store_false",
+        help="skip the torchvision MNIST + DataLoader epoch",
+    )
+    parser.add_argument("--conventional-workers", type=int, default=4)
+    parser.add_argument("--conventional-repeats", type=int, default=None)
     parser.add_argument("--data-dir", default=None, help="MNIST root (default: ./data)")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     parser.add_argument("--markdown", default=None, help="write the tables here")
@@ -426,9 +598,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.epoch_repeats = (
         args.epoch_repeats if args.epoch_repeats is not None else (1 if quick else 5)
     )
-    for name in ("warmup", "steps", "repeats", "epoch_batch", "epoch_repeats"):
-        if getattr(args, name) < (0 if name == "warmup" else 1):
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    args.conventional_repeats = (
+        args.conventional_repeats if args.conventional_repeats is not None else (1 if quick else 3)
+    )
+    positive = ("steps", "repeats", "epoch_batch", "epoch_repeats", "conventional_repeats")
+    for name in ("warmup", "conventional_workers", *positive):
+        lowest, expected = (1, "positive") if name in positive else (0, ">= 0")
+        if getattr(args, name) < lowest:
+            flag = name.replace("_", "-")
+            parser.error(f"--{flag} must be {expected}, got {getattr(args, name)}")
     return args
 
 

@@ -26,6 +26,7 @@ def test_quick_benchmark_writes_every_figure(mnist_root, tmp_path) -> None:
             "--steps", "2",
             "--repeats", "2",
             "--epoch-batch", "2048",
+            "--conventional-workers", "2",
             "--data-dir", str(mnist_root),
             "--json", str(json_path),
             "--markdown", str(markdown_path),
@@ -46,15 +47,25 @@ def test_quick_benchmark_writes_every_figure(mnist_root, tmp_path) -> None:
     compiled = results["cases"][0]["compiled"]
     for key in ("step_ms_compiled_manual", "step_ms_eager_autograd", "step_ms_compiled_autograd"):
         assert compiled[key] > 0
+    # CUDA graphs exist only on CUDA: on the CPU no case carries graph figures.
+    assert all(row["cuda_graph"] == {} for row in results["cases"])
     epoch = results["lightning_epoch"]
-    assert epoch["seconds_manual"] > 0 and epoch["seconds_autograd"] > 0
+    assert set(epoch["seconds"]) == {"manual", "autograd"}
+    assert epoch["seconds"]["manual"] == epoch["seconds_manual"] > 0
+    assert epoch["seconds"]["autograd"] == epoch["seconds_autograd"] > 0
+    conventional = epoch["conventional"]
+    assert conventional["seconds"] > 0 and conventional["num_workers"] == 2
     markdown = markdown_path.read_text()
     for label in quick_cases:
         assert f"| {label} |" in markdown
     assert "through the Lightning Trainer" in markdown
+    assert "| torchvision MNIST + DataLoader (2 workers), manual |" in markdown
 
 
 def test_benchmark_rejects_bad_arguments(capsys) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--repeats", "0"])
     assert "--repeats must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--conventional-workers", "-1"])
+    assert "--conventional-workers must be >= 0, got -1" in capsys.readouterr().err
