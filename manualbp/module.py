@@ -444,6 +444,13 @@ class TwinModule(L.LightningModule):
                     "TwinModule: cuda_graph=True runs on one device; got world_size="
                     f"{self.trainer.world_size}"
                 )
+            if self.trainer.precision in ("16-mixed", "16"):
+                # float16 training scales the loss before backward; the graph's backward runs
+                # unscaled, so the scaler would shrink every gradient.
+                raise ValueError(
+                    f"TwinModule: cuda_graph=True does not support precision="
+                    f"{self.trainer.precision!r} (loss scaling); use 'bf16-mixed' or '32-true'"
+                )
         self._graph_step = None  # a new fit captures anew
         self._write_hparams_tab()
 

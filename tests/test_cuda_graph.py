@@ -206,3 +206,32 @@ def test_twin_module_cuda_graph_trains_like_the_eager_module(tmp_path, backend) 
     assert graph_lr == eager_lr == pytest.approx(0.01 * 0.25)
     for name, value in eager_params.items():
         assert torch.equal(graph_params[name], value), name
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_twin_module_cuda_graph_mixed_precision(tmp_path) -> None:
+    """bfloat16 autocast is captured like any other op; float16 (loss scaling) is refused."""
+    dataset = TensorDataset(torch.randn(48, 12), torch.arange(48) % 5)
+    loader = DataLoader(dataset, batch_size=16)
+    for precision in ("bf16-mixed", "16-mixed"):
+        module = TwinModule(sizes=[12, 16, 5], compare="off", cuda_graph=True)
+        trainer = L.Trainer(
+            accelerator="gpu",
+            devices=1,
+            max_epochs=1,
+            precision=precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        if precision == "16-mixed":
+            with pytest.raises(ValueError, match="does not support precision='16-mixed'"):
+                trainer.fit(module, loader)
+        else:
+            before = module.manual_model.fc1.weight.detach().clone()
+            trainer.fit(module, loader)
+            assert trainer.global_step == 3
+            assert not torch.equal(module.manual_model.fc1.weight.detach().cpu(), before.cpu())
