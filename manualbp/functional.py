@@ -71,6 +71,8 @@ class _HandwrittenFunction(Function):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "forward" not in cls.__dict__:  # an intermediate base such as _OutputSavingFunction
+            return
         forward = cls.__dict__["forward"]
         function = forward.__func__ if isinstance(forward, staticmethod) else forward
         function.__signature__ = inspect.signature(function)
@@ -185,21 +187,26 @@ def _opmath(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
-class SigmoidFunction(_HandwrittenFunction):
+class _OutputSavingFunction(_HandwrittenFunction):
+    """Base of the elementwise activations whose derivative is a function of the output
+    alone: ``setup_context`` saves ``y`` and nothing else."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+
+class SigmoidFunction(_OutputSavingFunction):
     """``y = 1 / (1 + e^{-x})``;  ``dL/dx = g · (1 - y) · y``, from the saved output alone.
 
     Input and output: any shape ``(*)``.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(input):
         return torch.sigmoid(input)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -212,21 +219,15 @@ class SigmoidFunction(_HandwrittenFunction):
         return (g * (1 - y) * y).to(grad_output.dtype)  # (*)
 
 
-class TanhFunction(_HandwrittenFunction):
+class TanhFunction(_OutputSavingFunction):
     """``y = tanh(x)``;  ``dL/dx = g · (1 - y²)``, from the saved output alone.
 
     Input and output: any shape ``(*)``.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(input):
         return torch.tanh(input)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -239,22 +240,16 @@ class TanhFunction(_HandwrittenFunction):
         return (g * one_minus_square).to(grad_output.dtype)  # (*)
 
 
-class ReLUFunction(_HandwrittenFunction):
+class ReLUFunction(_OutputSavingFunction):
     """``y = max(x, 0)``;  ``dL/dx = g · [y > 0]`` (0 at y = 0, as in torch).
 
     Saves its output, which the next layer saves anyway as its input, so the mask costs no
     memory. Input and output: any shape ``(*)``.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(input):
         return torch.relu(input)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, grad_output):
