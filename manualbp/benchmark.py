@@ -288,25 +288,23 @@ def measure_cuda_graph(
     }
 
 
-class _EpochTimer:
-    """A Lightning callback (built lazily: Lightning is imported only when needed) that
-    records the wall time of the last training epoch, CUDA synchronised."""
+def _epoch_timer(device: torch.device):
+    """A Lightning callback recording the wall time of the last training epoch, CUDA
+    synchronised (defined here so that Lightning is imported only when an epoch is timed)."""
+    import lightning as L
 
-    def __new__(cls, device: torch.device):
-        import lightning as L
+    class EpochTimer(L.Callback):
+        seconds = float("nan")
 
-        class EpochTimer(L.Callback):
-            seconds = float("nan")
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            _sync(device)
+            self.start = time.perf_counter()
 
-            def on_train_epoch_start(self, trainer, pl_module) -> None:
-                _sync(device)
-                self.start = time.perf_counter()
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            _sync(device)
+            self.seconds = time.perf_counter() - self.start
 
-            def on_train_epoch_end(self, trainer, pl_module) -> None:
-                _sync(device)
-                self.seconds = time.perf_counter() - self.start
-
-        return EpochTimer()
+    return EpochTimer()
 
 
 def _bare_trainer(device: torch.device, callbacks: list):
@@ -360,7 +358,7 @@ def conventional_epoch_seconds(
         pin_memory=device.type == "cuda",
     )
     L.seed_everything(seed, verbose=False)
-    timer = _EpochTimer(device)
+    timer = _epoch_timer(device)
     model = TwinModule(sizes=[784, 200, 10], compare="off", backend="manual")
     _bare_trainer(device, [timer]).fit(model, train_dataloaders=loader)
     return timer.seconds
@@ -383,7 +381,7 @@ def lightning_epoch_seconds(
     from manualbp.module import TwinModule
 
     L.seed_everything(seed, verbose=False)
-    timer = _EpochTimer(device)
+    timer = _epoch_timer(device)
     model = TwinModule(sizes=[784, 200, 10], compare="off", backend=backend, cuda_graph=cuda_graph)
     data = MNISTDataModule(data_dir=data_dir, batch_size=batch_size, device_resident=True)
     _bare_trainer(device, [timer]).fit(model, datamodule=data)
