@@ -1,19 +1,28 @@
-"""Gradient comparison between a manual model and its autograd twin on one batch.
+"""The one vocabulary of agreement between a handwritten result and its reference.
 
-The question answered here is *check*: are the handwritten gradients right, now, for these
-weights? Both models are evaluated with the **same parameter tensors** (the manual model's,
-via ``torch.func.functional_call``), on the same batch, and their parameter gradients are
-compared one by one:
+Every comparison in manualbp — the gradient check of a training run, ``manualbp.check``, the
+parity tables, TensorBoard — uses these statistics of two tensors of the same shape, ``a``
+(manual) and ``r`` (reference):
 
-* ``exact``      1.0 when the two gradients are bit-identical, else 0.0;
-* ``max_abs``    ``max |g_manual - g_autograd|``;
-* ``max_rel``    ``max_abs / max |g_autograd|`` (normwise: no blow-up at zero entries;
-                 ``inf`` when the reference is zero and the manual gradient is not);
-* ``cosine``     cosine similarity of the flattened gradients (1 for two zero gradients);
-* ``norm_ratio`` ``‖g_manual‖ / ‖g_autograd‖`` (1 for two zero gradients).
+* ``exact``      1.0 when the two are equal entry for entry (NaN where the other is NaN; ``+0``
+                 and ``-0`` count as equal), else 0.0;
+* ``max_abs``    ``max |a - r|``;
+* ``max_rel``    ``max_abs / max |r|``, normwise (no blow-up at zero entries; ``inf`` when the
+                 reference is zero and ``a`` is not);
+* ``max_ulp``    ``max |a - r| / ulp(r)``, entrywise, in units in the last place of ``r``'s own
+                 dtype (0 for bit-identical, 1 for one rounding step apart);
+* ``cosine``     cosine similarity of the flattened tensors (1 for two zero tensors);
+* ``norm_ratio`` ``‖a‖ / ‖r‖`` (1 for two zero tensors).
 
-All statistics stay tensors on the model's device until a report is printed, so calling this
-from a training step forces no host-device synchronisation.
+Entries that are NaN (or the same infinity) in both count as agreeing; a NaN or infinity on one
+side only makes ``max_abs``, ``max_rel`` and ``max_ulp`` NaN or infinite, never small.
+
+:func:`compare_gradients` answers the *check* question for a model: are the handwritten
+gradients right, now, for these weights? Both models are evaluated with the **same parameter
+tensors** (the manual model's, via ``torch.func.functional_call``), on the same batch, and their
+parameter gradients are compared one by one. All statistics stay tensors on the model's device
+until a report is printed, so calling this from a training step forces no host-device
+synchronisation.
 """
 
 from __future__ import annotations
@@ -29,13 +38,14 @@ from torch.func import functional_call
 __all__ = [
     "STATISTICS",
     "GradientReport",
+    "agreement",
     "compare_gradients",
-    "gradient_agreement",
     "gradients_at",
+    "ulp",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-STATISTICS = ("exact", "max_abs", "max_rel", "cosine", "norm_ratio")
+STATISTICS = ("exact", "max_abs", "max_rel", "max_ulp", "cosine", "norm_ratio")
 
 
 def gradients_at(
@@ -65,37 +75,66 @@ def gradients_at(
     return loss.detach(), dict(zip(leaves, grads, strict=True))
 
 
-def gradient_agreement(manual: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The five agreement statistics of two gradients of the same shape ``(*)``.
+def ulp(reference: torch.Tensor) -> torch.Tensor:
+    """The gap from ``|reference|`` to the next larger number of ``reference``'s dtype,
+    entrywise, as float64 (float32 on MPS), shape ``(*)`` like ``reference``.
+
+    ``ulp(1.0) = eps``; for zero and subnormal entries it is the smallest subnormal; for NaN
+    or infinite entries it is NaN/inf (any difference there is not a rounding error).
+    """
+    info = torch.finfo(reference.dtype)
+    dtype = torch.float32 if reference.device.type == "mps" else torch.float64
+    magnitude = reference.detach().to(dtype).abs()
+    _, exponent = torch.frexp(magnitude)  # |r| = m · 2^e with m in [0.5, 1)
+    gaps = torch.ldexp(torch.full_like(magnitude, info.eps), exponent - 1)  # eps · 2^(e-1)
+    smallest = info.tiny * info.eps  # the smallest subnormal of the dtype
+    gaps = torch.where(magnitude == 0, smallest, gaps.clamp_min(smallest))
+    return torch.where(magnitude.isfinite(), gaps, magnitude)
+
+
+def agreement(manual: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The six agreement statistics (:data:`STATISTICS`) of ``manual`` against ``reference``,
+    two tensors of the same shape ``(*)``.
 
     Computed in float64 (float32 on MPS, which has no float64), so the statistics add no
-    round-off of their own to a float32 comparison. Returns name → ``()`` tensor.
+    round-off of their own to a float32 comparison; ``max_ulp`` counts in ulps of
+    ``reference``'s own dtype. Returns name → ``()`` tensor, on the tensors' device.
     """
     if manual.shape != reference.shape:
         raise ValueError(
-            f"gradient_agreement: shapes differ, manual {tuple(manual.shape)} vs reference "
+            f"agreement: shapes differ, manual {tuple(manual.shape)} vs reference "
             f"{tuple(reference.shape)}"
         )
     dtype = torch.float32 if manual.device.type == "mps" else torch.float64
+    units = ulp(reference)
     manual, reference = manual.detach().to(dtype), reference.detach().to(dtype)
-    diff = (manual - reference).abs()
+    same = (manual == reference) | (manual.isnan() & reference.isnan())  # (*)
+    diff = torch.where(same, 0.0, (manual - reference).abs())  # (*)  NaN where one side is
     zero = manual.new_zeros(())
     max_abs = diff.max() if diff.numel() else zero
-    scale = reference.abs().max() if reference.numel() else zero
-    manual_norm = torch.linalg.vector_norm(manual)
-    reference_norm = torch.linalg.vector_norm(reference)
+    max_ulp = torch.where(same, 0.0, diff / units).max() if diff.numel() else zero
+    finite_reference = torch.where(reference.isfinite(), reference.abs(), 0.0)
+    scale = finite_reference.max() if reference.numel() else zero
     tiny = torch.finfo(dtype).tiny
-    # Against a zero (or non-finite) reference any difference is an infinite relative error,
-    # so a check can never pass by dividing by nothing.
+    # Against a zero reference any difference is an infinite relative error, so a check can
+    # never pass by dividing by nothing.
     max_rel = torch.where(
         scale > 0, max_abs / scale.clamp_min(tiny), torch.where(max_abs == 0, 0.0, math.inf)
     )
-    both_zero = (manual_norm == 0) & (reference_norm == 0)  # two zero gradients agree
+    # Entries that agree but are not finite (NaN in both, the same infinity) are left out of
+    # the direction and length, which they would make NaN.
+    agreeing_nonfinite = same & ~reference.isfinite()  # (*)
+    manual = manual.masked_fill(agreeing_nonfinite, 0.0)
+    reference = reference.masked_fill(agreeing_nonfinite, 0.0)
+    manual_norm = torch.linalg.vector_norm(manual)
+    reference_norm = torch.linalg.vector_norm(reference)
+    both_zero = (manual_norm == 0) & (reference_norm == 0)  # two zero tensors agree
     cosine = (manual * reference).sum() / (manual_norm * reference_norm).clamp_min(tiny)
     return {
-        "exact": (manual == reference).all().to(dtype),
+        "exact": same.all().to(dtype),
         "max_abs": max_abs,
         "max_rel": max_rel,
+        "max_ulp": max_ulp,
         "cosine": torch.where(both_zero, 1.0, cosine),
         "norm_ratio": torch.where(both_zero, 1.0, manual_norm / reference_norm.clamp_min(tiny)),
     }
@@ -139,16 +178,18 @@ class GradientReport:
         return scalars
 
     def table(self) -> str:
-        """A markdown table ``name | exact | allclose | max_abs | max_rel | cos | norm ratio``."""
+        """A markdown table ``parameter | exact | allclose | max_abs | max_rel | max_ulp | cosine
+        | norm ratio``."""
         lines = [
-            "| parameter | exact | allclose | max_abs | max_rel | cosine | norm ratio |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| parameter | exact | allclose | max_abs | max_rel | max_ulp | cosine | norm ratio |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for name, s in self.statistics.items():
             close = float(s["max_rel"]) <= 1e-5
             lines.append(
                 f"| {name} | {bool(s['exact'])} | {close} | {float(s['max_abs']):.3e} | "
-                f"{float(s['max_rel']):.3e} | {float(s['cosine']):.9f} | "
+                f"{float(s['max_rel']):.3e} | {float(s['max_ulp']):.3g} | "
+                f"{float(s['cosine']):.9f} | "
                 f"{float(s['norm_ratio']):.9f} |"
             )
         return "\n".join(lines)
@@ -195,5 +236,5 @@ def compare_gradients(
         )
     loss_m, grads_m = gradients_at(manual_model, manual_loss, parameters, inputs, targets)
     loss_a, grads_a = gradients_at(reference_model, reference_loss, parameters, inputs, targets)
-    statistics = {name: gradient_agreement(grads_m[name], grads_a[name]) for name in grads_m}
+    statistics = {name: agreement(grads_m[name], grads_a[name]) for name in grads_m}
     return GradientReport(loss_m, loss_a, statistics)

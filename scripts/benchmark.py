@@ -4,10 +4,10 @@
     python scripts/benchmark.py --quick          # a short smoke run
     python scripts/benchmark.py --json out.json --markdown out.md
 
-See ``manualbp/benchmark.py`` for the method.
+See ``manualbp/tools/benchmark.py`` for the method.
 """
 
-from manualbp.benchmark import main
+from manualbp.tools.benchmark import main
 
 if __name__ == "__main__":
     main()

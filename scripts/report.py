@@ -1,9 +1,10 @@
-"""Figures and a results table from TensorBoard runs (thin wrapper over manualbp.report).
+"""Figures and a results table from TensorBoard runs (thin wrapper over manualbp.tools.report).
 
     python scripts/report.py --runs runs --out docs/results      # latest version_* of each
     python scripts/report.py --out docs/results runs/simard_800_ce/version_0 runs/...
 
-Writes ``<out>/*.png`` and ``<out>/results.md``; see ``manualbp/report.py`` for what each shows.
+Writes ``<out>/*.png`` and ``<out>/results.md``; ``manualbp/tools/report.py`` says what each
+shows.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from manualbp.report import discover_runs, write_report
+from manualbp.tools.report import write_report
+from manualbp.tools.runs import discover_runs
 
 
 def main(argv: Sequence[str] | None = None) -> int:

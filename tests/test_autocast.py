@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_parity
 
 import manualbp.functional as MF
 from manualbp.nn import MLP, autograd_twin
+from manualbp.tools.parity import assert_parity
 
 BF16 = torch.bfloat16
 

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from manualbp.benchmark import CASES, main, parse_args
+from manualbp.tools.benchmark import CASES, main, parse_args
 
 
 @pytest.mark.slow

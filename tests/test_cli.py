@@ -14,8 +14,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from manualbp.cli import cli_main
-from manualbp.module import HP_METRICS
+from manualbp.train.cli import cli_main
+from manualbp.train.module import HP_METRICS
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TRAIN_STEPS = 12

@@ -10,8 +10,8 @@ import torch
 from manualbp.compare import (
     STATISTICS,
     GradientReport,
+    agreement,
     compare_gradients,
-    gradient_agreement,
     gradients_at,
 )
 from manualbp.nn import MLP, CrossEntropyLoss, autograd_twin
@@ -95,8 +95,8 @@ def test_scaled_gradient_gives_the_expected_statistics(manual_model, batch):
 
 
 def test_assert_close_names_only_the_parameters_that_disagree():
-    close = gradient_agreement(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]))
-    far = gradient_agreement(torch.tensor([1.0, 2.5]), torch.tensor([1.0, 2.0]))
+    close = agreement(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]))
+    far = agreement(torch.tensor([1.0, 2.5]), torch.tensor([1.0, 2.0]))
     report = GradientReport(torch.tensor(0.0), torch.tensor(0.0), {"good": close, "bad": far})
     with pytest.raises(AssertionError, match=r"for bad:") as excinfo:
         report.assert_close()
@@ -106,34 +106,34 @@ def test_assert_close_names_only_the_parameters_that_disagree():
 
 def test_max_rel_is_normwise():
     """An error of 0.001 on a 0.001 entry is relative to the largest entry, 1.0: no blow-up."""
-    stats = gradient_agreement(torch.tensor([1.0, 0.002]), torch.tensor([1.0, 0.001]))
+    stats = agreement(torch.tensor([1.0, 0.002]), torch.tensor([1.0, 0.001]))
     assert stats["max_abs"].item() == pytest.approx(0.001, rel=1e-6)
     assert stats["max_rel"].item() == pytest.approx(0.001, rel=1e-6)
 
 
 def test_zero_gradients():
     zeros = torch.zeros(3)
-    both = gradient_agreement(zeros, zeros)
+    both = agreement(zeros, zeros)
     assert both["exact"].item() == 1.0
     assert both["max_rel"].item() == 0.0
     assert both["cosine"].item() == 1.0
     assert both["norm_ratio"].item() == 1.0
     # A non-zero manual gradient where autograd's is zero can never pass.
-    wrong = gradient_agreement(torch.tensor([0.0, 1e-3, 0.0]), zeros)
+    wrong = agreement(torch.tensor([0.0, 1e-3, 0.0]), zeros)
     assert wrong["max_rel"].item() == float("inf")
     assert wrong["cosine"].item() == 0.0
 
 
 def test_nan_gradient_fails_the_check():
-    stats = gradient_agreement(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0]))
+    stats = agreement(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0]))
     report = GradientReport(torch.tensor(0.0), torch.tensor(0.0), {"w": stats})
     with pytest.raises(AssertionError, match="w"):
         report.assert_close()
 
 
-def test_gradient_agreement_rejects_different_shapes():
+def test_agreement_rejects_different_shapes():
     with pytest.raises(ValueError, match=r"manual \(2,\) vs reference \(3,\)"):
-        gradient_agreement(torch.zeros(2), torch.zeros(3))
+        agreement(torch.zeros(2), torch.zeros(3))
 
 
 def test_as_scalars_keys_and_values(manual_model, batch):
@@ -156,16 +156,17 @@ def test_table_format(manual_model, batch):
     report = compare_gradients(manual_model, copy.deepcopy(manual_model), loss, loss, *batch)
     lines = report.table().splitlines()
     assert lines[0] == (
-        "| parameter | exact | allclose | max_abs | max_rel | cosine | norm ratio |"
+        "| parameter | exact | allclose | max_abs | max_rel | max_ulp | cosine | norm ratio |"
     )
-    assert lines[1] == "| --- | --- | --- | --- | --- | --- | --- |"
+    assert lines[1] == "| --- | --- | --- | --- | --- | --- | --- | --- |"
     assert len(lines) == 2 + len(PARAMS)
     for line, name in zip(lines[2:], PARAMS, strict=True):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert cells[:3] == [name, "True", "True"]
         assert float(cells[3]) == 0.0
         assert float(cells[4]) == 0.0
-        assert float(cells[5]) == pytest.approx(1.0)
+        assert float(cells[5]) == 0.0
+        assert float(cells[6]) == pytest.approx(1.0)
 
 
 def test_models_and_grads_are_left_alone(manual_model, batch):

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from manualbp.cuda_graph import CUDAGraphStep
-from manualbp.module import TwinModule
 from manualbp.nn import MLP, CrossEntropyLoss, autograd_twin
+from manualbp.train.cuda_graph import CUDAGraphStep
+from manualbp.train.module import TwinModule
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

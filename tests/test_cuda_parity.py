@@ -14,7 +14,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (
+
+import manualbp.functional as MF
+from manualbp.nn import MLP, autograd_twin
+from manualbp.tools.parity import (
     CUDA_TOLERANCES,
     PARITY_CASES,
     PARITY_DTYPES,
@@ -24,9 +27,6 @@ from helpers import (
     parity_report,
     run_case,
 )
-
-import manualbp.functional as MF
-from manualbp.nn import MLP, autograd_twin
 
 pytestmark = [
     pytest.mark.cuda,

@@ -21,8 +21,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from manualbp.data import MNISTDataModule
-from manualbp.device_loader import DeviceTensorLoader
-from manualbp.module import TwinModule
+from manualbp.data.device_loader import DeviceTensorLoader
+from manualbp.train.module import TwinModule
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TIMEOUT_S = 240

@@ -10,20 +10,20 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (
+from broken_functions import SigmoidMissingFactor
+from torch.autograd import Function
+
+import manualbp.functional as MF
+from manualbp.tools.parity import (
     PARITY_CASES,
     PARITY_DTYPES,
     ParityCase,
-    SigmoidMissingFactor,
     assert_parity,
     format_report,
     leaf_copy,
     parity_report,
     run_case,
 )
-from torch.autograd import Function
-
-import manualbp.functional as MF
 
 
 @pytest.mark.parametrize("dtype", PARITY_DTYPES, ids=str)

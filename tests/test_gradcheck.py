@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import SigmoidMissingFactor
+from broken_functions import SigmoidMissingFactor
 from torch.autograd import gradcheck, gradgradcheck
 from torch.autograd.gradcheck import GradcheckError
 

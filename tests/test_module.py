@@ -20,10 +20,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, TensorDataset
 
 import manualbp.functional
-from manualbp.callbacks import GradientMonitor
-from manualbp.cli import cli_main
 from manualbp.data import MNISTDataModule
-from manualbp.module import HP_METRICS, TwinModule
+from manualbp.train.callbacks import GradientMonitor
+from manualbp.train.cli import cli_main
+from manualbp.train.module import HP_METRICS, TwinModule
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 # Float32 round-off bounds for a correct model (measured values are in the module docstring).

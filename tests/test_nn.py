@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_parity
 from torch import nn
 
 import manualbp.nn as mnn
 from manualbp.nn import MLP, autograd_twin, manual_twin
+from manualbp.tools.parity import assert_parity
 
 MODULE_PAIRS = [
     pytest.param(lambda: mnn.Linear(6, 4), lambda: nn.Linear(6, 4), id="Linear"),

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
-from manualbp.cli import main as cli_main
-from manualbp.report import Published, discover_runs, write_report
+from manualbp.tools.report import Published, write_report
+from manualbp.tools.runs import discover_runs
+from manualbp.train.cli import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 DEEP_SIZES = "[784, 16, 16, 16, 16, 10]"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from manualbp.cli import cli_main
-from manualbp.xor import XORDataModule
+from manualbp.data.xor import XORDataModule
+from manualbp.train.cli import cli_main
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

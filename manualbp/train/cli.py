@@ -1,9 +1,9 @@
-"""The ``manualbp`` command: LightningCLI over :class:`TwinModule` and a DataModule.
+"""``manualbp fit``, ``validate`` and ``test``: LightningCLI over :class:`TwinModule` and a
+DataModule.
 
     manualbp fit --config experiments/mnist_mlp.yaml     # train, then test both twins
     manualbp test --config experiments/mnist_mlp.yaml --ckpt_path runs/.../last.ckpt
     manualbp validate --config experiments/mnist_mlp.yaml --ckpt_path runs/.../last.ckpt
-    manualbp fetch-data --root ./data                     # provision MNIST only
 
 Defaults: ``accelerator: auto`` (CUDA when present), a TensorBoard logger under ``runs/``,
 checkpoints (best validation accuracy of the manual model, and ``last.ckpt``), the gradient
@@ -13,7 +13,6 @@ rejected by LightningCLI with the key and the expected type.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,11 +22,11 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from manualbp.callbacks import GradientMonitor
-from manualbp.data import MNISTDataModule, fetch_main
-from manualbp.module import TwinModule
+from manualbp.data import MNISTDataModule
+from manualbp.train.callbacks import GradientMonitor
+from manualbp.train.module import TwinModule
 
-__all__ = ["ManualbpCLI", "cli_main", "main", "trainer_defaults"]
+__all__ = ["ManualbpCLI", "cli_main", "trainer_defaults"]
 
 
 class ManualbpCLI(LightningCLI):
@@ -116,15 +115,3 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> ManualbpCLI
         args=None if args is None else list(args),
         run=run,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``manualbp`` console script (``argv=None`` reads ``sys.argv``)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["fetch-data"]:
-        raise SystemExit(fetch_main(args[1:]))
-    cli_main(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -12,7 +12,7 @@ cost::
         loss, outputs = step(inputs, targets)  # forward, loss, backward, optimizer.step()
 
 Without ``optimizer`` the graph ends after the backward and the caller steps the optimizer
-(what :class:`~manualbp.module.TwinModule` does with ``cuda_graph=True``, so that Lightning
+(what :class:`~manualbp.train.module.TwinModule` does with ``cuda_graph=True``, so that Lightning
 keeps counting steps and learning-rate schedulers keep working).
 
 Rules:

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from manualbp.cuda_graph import CUDAGraphStep
 from manualbp.nn import MLP, CrossEntropyLoss, autograd_twin
+from manualbp.train.cuda_graph import CUDAGraphStep
 
 __all__ = ["CASES", "BenchmarkCase", "main", "measure_case", "run_benchmarks", "to_markdown"]
 
@@ -338,7 +338,7 @@ def conventional_epoch_seconds(
     from torchvision import datasets, transforms
 
     from manualbp.data import MNIST_MEAN, MNIST_STD, default_data_dir, ensure_mnist
-    from manualbp.module import TwinModule
+    from manualbp.train.module import TwinModule
 
     root = data_dir if data_dir is not None else default_data_dir()
     ensure_mnist(root)
@@ -378,7 +378,7 @@ def lightning_epoch_seconds(
     import lightning as L
 
     from manualbp.data import MNISTDataModule
-    from manualbp.module import TwinModule
+    from manualbp.train.module import TwinModule
 
     L.seed_everything(seed, verbose=False)
     timer = _epoch_timer(device)

@@ -1,25 +1,25 @@
-"""One comparison helper for every handwritten Function, and the registry of parity cases.
+"""The exactness table: every handwritten Function against its torch reference.
 
 :func:`compare_with_reference` follows tinygrad's ``helper_test_op``: it builds two
 independent leaf copies of the inputs (same values, same strides), runs the manualbp op on
 one and the ``torch.nn.functional`` reference on the other, and compares the forward output
 and ``torch.autograd.grad`` of every input that requires grad, both taken against the same
-random upstream gradient. Each compared tensor yields a :class:`ParityRow` that records
-whether the two are bit-identical and how far apart they are; :func:`assert_parity` turns
-the rows into assertions (a dtype-appropriate tolerance always, bit-exactness on request).
+random upstream gradient. Each compared tensor yields a :class:`ParityRow` with the statistics
+of :mod:`manualbp.compare` (exact, max_abs, max_rel, max_ulp); :func:`assert_parity` turns the
+rows into assertions (a dtype-appropriate tolerance always, bit-exactness on request).
 
-``PARITY_CASES`` is the registry the tests parametrize over. ``exact_on_cpu`` marks the cases
-known to reproduce torch's CPU kernels bit for bit (linear, sigmoid, tanh, relu, MSE);
-cross-entropy is only within a few ulps, because torch's fused log_softmax kernel sums and
-exponentiates in its own order.
+``PARITY_CASES`` is the registry of cases the test suite parametrizes over. ``exact_on_cpu``
+marks the cases known to reproduce torch's CPU kernels bit for bit (linear, sigmoid, tanh,
+relu, MSE); cross-entropy is only within a few ulps, because torch's fused log_softmax kernel
+sums and exponentiates in its own order.
 
-Run ``python -m tests.helpers`` to print the bit-exactness table of every case on CPU
-(``python -m tests.helpers cuda`` for the GPU, TF32 off).
+``python scripts/parity.py`` prints the table of every case on the CPU (``--device cuda`` on a
+GPU, TF32 off).
 """
 
 from __future__ import annotations
 
-import math
+import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import manualbp.functional as MF
+from manualbp.compare import agreement
 
 # Tolerances for the "close" check of every case: loose enough for a reordered reduction
 # (a few ulps times the reduction length), tight enough to catch any wrong formula.
@@ -71,34 +72,6 @@ def leaf_copy(tensor: torch.Tensor) -> torch.Tensor:
     copy = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
     copy.set_(storage, tensor.storage_offset(), tensor.size(), tensor.stride())
     return copy.requires_grad_(tensor.requires_grad)
-
-
-def bit_equal(actual: torch.Tensor, expected: torch.Tensor) -> bool:
-    """``torch.equal`` that also counts NaN == NaN at the same positions (and same dtype)."""
-    if actual.dtype != expected.dtype or actual.shape != expected.shape:
-        return False
-    same = (actual == expected) | (actual.isnan() & expected.isnan())
-    return bool(same.all())
-
-
-def error_stats(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float, float]:
-    """Max absolute error, max relative error and max error in ulps of ``expected``.
-
-    Computed in float64 over the finite, non-NaN-matching entries. The relative error of an
-    entry whose reference is 0 is its absolute error over the dtype's smallest normal, and
-    the ulp of a value is the gap to the next representable value of the tensor's dtype.
-    """
-    a, e = actual.detach().double(), expected.detach().double()
-    both_nan = a.isnan() & e.isnan()
-    diff = (a - e).abs().masked_fill(both_nan | (a == e), 0.0)
-    if diff.numel() == 0:
-        return 0.0, 0.0, 0.0
-    tiny = torch.finfo(expected.dtype).tiny
-    rel = (diff / e.abs().clamp_min(tiny)).masked_fill(diff == 0, 0.0)  # NaN refs give 0/NaN
-    magnitude = expected.detach().abs()
-    ulp = (torch.nextafter(magnitude, torch.full_like(magnitude, math.inf)) - magnitude).double()
-    ulps = (diff / ulp.clamp_min(tiny)).masked_fill(diff == 0, 0.0)
-    return float(diff.max()), float(rel.max()), float(ulps.max())
 
 
 def compare_with_reference(
@@ -162,8 +135,9 @@ def _row(
             f"{case} {name}: manual gives {actual.dtype} {tuple(actual.shape)}, torch gives "
             f"{expected.dtype} {tuple(expected.shape)}"
         )
-    max_abs, max_rel, max_ulp = error_stats(actual, expected)
-    row = ParityRow(case, dtype, name, bit_equal(actual, expected), max_abs, max_rel, max_ulp)
+    stats = {key: float(value) for key, value in agreement(actual, expected).items()}
+    exact = stats["exact"] == 1.0
+    row = ParityRow(case, dtype, name, exact, stats["max_abs"], stats["max_rel"], stats["max_ulp"])
     torch.testing.assert_close(
         actual,
         expected,
@@ -496,29 +470,18 @@ def format_report(rows: Sequence[ParityRow]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    import sys
-
-    device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
-    if device.startswith("cuda"):
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the exactness table of every registry case on ``--device`` (default: cpu)."""
+    parser = argparse.ArgumentParser(description="Manual vs torch, every Function, per tensor.")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False
-    tolerances = CUDA_TOLERANCES if device.startswith("cuda") else TOLERANCES
-    print(format_report(parity_report(device, tolerances=tolerances)))
+    tolerances = CUDA_TOLERANCES if cuda else TOLERANCES
+    print(format_report(parity_report(args.device, tolerances=tolerances)))
+    return 0
 
 
-class SigmoidMissingFactor(torch.autograd.Function):
-    """A deliberately broken sigmoid whose backward forgets the ``(1 - y)`` factor: the
-    meta-tests feed it to the checks to show that they can fail."""
-
-    @staticmethod
-    def forward(input):
-        return torch.sigmoid(input)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (output,) = ctx.saved_tensors
-        return grad_output * output
+if __name__ == "__main__":
+    raise SystemExit(main())

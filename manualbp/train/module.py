@@ -49,8 +49,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from manualbp.compare import GradientReport, compare_gradients
-from manualbp.cuda_graph import CUDAGraphStep
 from manualbp.nn import MLP, CrossEntropyLoss, MSELoss, autograd_twin
+from manualbp.train.cuda_graph import CUDAGraphStep
 
 __all__ = ["HP_METRICS", "TwinModule"]
 
@@ -97,7 +97,7 @@ class TwinModule(L.LightningModule):
             other modes always train the manual model.
         cuda_graph: the opt-in fast path (``compare="off"`` on one CUDA device): forward,
             loss and backward are captured once as a CUDA graph and replayed for every batch
-            (:class:`~manualbp.cuda_graph.CUDAGraphStep`), and Lightning steps the optimizer
+            (:class:`~manualbp.train.cuda_graph.CUDAGraphStep`), and Lightning steps the optimizer
             (manual optimization), so step counting, checkpoints and schedulers work as
             usual. A batch of another shape (a short last batch) runs eagerly.
 
