@@ -14,6 +14,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from manualbp.tools.runs import Series, read_scalars
 from manualbp.train.cli import cli_main
 from manualbp.train.module import HP_METRICS
 
@@ -39,10 +40,10 @@ class FitRun:
 
     result: subprocess.CompletedProcess
     log_dir: Path
+    scalars: dict[str, Series]
+    """Every scalar tag, NaN placeholders of the hparams tab included."""
     events: EventAccumulator
-
-    def scalars(self, tag: str) -> list[tuple[int, float]]:
-        return [(event.step, event.value) for event in self.events.Scalars(tag)]
+    """Only for what the scalar reader does not give: histograms and the hparams plugin data."""
 
 
 def run_options(root: Path, data_dir: Path, name: str) -> list[str]:
@@ -75,10 +76,11 @@ def fit_run(tmp_path_factory, mnist_root) -> FitRun:
         command, cwd=root, capture_output=True, text=True, timeout=300, env=dict(os.environ)
     )
     log_dir = root / "fit" / "version_0"
-    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0})
+    scalars = read_scalars(log_dir, finite_only=False) if log_dir.is_dir() else {}
+    events = EventAccumulator(str(log_dir), size_guidance={"histograms": 0})
     if log_dir.is_dir():
         events.Reload()
-    return FitRun(result, log_dir, events)
+    return FitRun(result, log_dir, scalars, events)
 
 
 def test_fit_exits_zero_and_saves_checkpoints(fit_run):
@@ -93,23 +95,21 @@ def test_fit_exits_zero_and_saves_checkpoints(fit_run):
 
 
 def test_fit_logs_the_stable_tags_at_their_steps(fit_run):
-    tags = set(fit_run.events.Tags()["scalars"])
+    scalars = fit_run.scalars
     params = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
     for model in ("manual", "autograd"):
         for metric in ("loss", "acc"):
             tag = f"train/{metric}/{model}"
-            assert [s for s, _ in fit_run.scalars(tag)] == [3, 7, 11], tag
+            assert scalars[tag].steps.tolist() == [3, 7, 11], tag
         for tag in (f"val/acc/{model}", f"val/loss/{model}", f"test/acc/{model}"):
-            assert tag in tags
+            assert tag in scalars
         for param in params:
-            steps = [s for s, _ in fit_run.scalars(f"grad_norm/{model}/{param}")]
-            assert steps == [0, 3, 6, 9]
+            assert scalars[f"grad_norm/{model}/{param}"].steps.tolist() == [0, 3, 6, 9]
     for param in params:
         for statistic in ("exact", "max_abs", "max_rel", "cosine", "norm_ratio"):
-            steps = [s for s, _ in fit_run.scalars(f"grad_check/{param}/{statistic}")]
-            assert steps == [0, 4, 8]
-        assert [s for s, _ in fit_run.scalars(f"divergence/{param}")] == [0, 4, 8]
-    for _, value in fit_run.scalars("grad_check/max_rel"):
+            assert scalars[f"grad_check/{param}/{statistic}"].steps.tolist() == [0, 4, 8]
+        assert scalars[f"divergence/{param}"].steps.tolist() == [0, 4, 8]
+    for value in scalars["grad_check/max_rel"].values:
         assert value < 1e-5
     for tag in (
         "grad_check/worst_max_rel",
@@ -118,7 +118,7 @@ def test_fit_logs_the_stable_tags_at_their_steps(fit_run):
         "lr-SGD/pg1",
         "lr-SGD/pg2",
     ):
-        assert tag in tags
+        assert tag in scalars
 
     histograms = set(fit_run.events.Tags()["histograms"])
     for model in ("manual", "autograd"):
@@ -140,15 +140,14 @@ def test_fit_writes_the_hparams_tab_and_final_hp_metrics(fit_run):
     assert hparams["compare"].string_value == "lockstep"
     assert hparams["data.batch_size"].number_value == 64
     # Every hp/* metric of a fit + test run gets a real value after its placeholder.
+    scalars = fit_run.scalars
     for metric in HP_METRICS:
-        step, value = fit_run.scalars(metric)[-1]
+        step, value = scalars[metric].pairs()[-1]
         assert step > 0 and value == value, metric  # not the step-0 NaN placeholder
-    assert fit_run.scalars("hp/val_acc_manual")[-1][1] == fit_run.scalars("val/acc/manual")[-1][1]
-    assert fit_run.scalars("hp/test_acc_manual")[-1][1] == pytest.approx(
-        fit_run.scalars("test/acc/manual")[-1][1]
-    )
-    worst = max(value for _, value in fit_run.scalars("grad_check/max_rel"))
-    assert fit_run.scalars("hp/worst_grad_max_rel")[-1][1] == pytest.approx(worst)
+    assert scalars["hp/val_acc_manual"].last == scalars["val/acc/manual"].last
+    assert scalars["hp/test_acc_manual"].last == pytest.approx(scalars["test/acc/manual"].last)
+    worst = scalars["grad_check/max_rel"].values.max()
+    assert scalars["hp/worst_grad_max_rel"].last == pytest.approx(worst)
 
 
 @pytest.mark.parametrize("subcommand", ["test", "validate"])
@@ -167,10 +166,10 @@ def test_test_and_validate_run_on_the_checkpoint(fit_run, mnist_root, tmp_path, 
     metrics = cli.trainer.callback_metrics
     # The checkpoint holds the weights the fit run evaluated at its end.
     for model in ("manual", "autograd"):
-        expected = fit_run.scalars(f"{stage}/acc/{model}")[-1][1]
+        expected = fit_run.scalars[f"{stage}/acc/{model}"].last
         assert metrics[f"{stage}/acc/{model}"].item() == pytest.approx(expected, rel=1e-6)
     assert metrics[f"{stage}/loss/manual"].item() == pytest.approx(
-        fit_run.scalars(f"{stage}/loss/manual")[-1][1], rel=1e-6
+        fit_run.scalars[f"{stage}/loss/manual"].last, rel=1e-6
     )
     assert cli.model.manual_model.backend == "manual"
 

@@ -21,21 +21,6 @@ from manualbp.train.module import TwinModule
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def quiet_trainer(tmp_path, accelerator: str, **overrides) -> L.Trainer:
-    """A one-device trainer without logger, checkpoints, progress bar or summary."""
-    settings = {
-        "accelerator": accelerator,
-        "devices": 1,
-        "max_epochs": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-    }
-    return L.Trainer(**{**settings, **overrides})
-
-
 def tiny_model() -> nn.Module:
     torch.manual_seed(0)
     return MLP([12, 16, 5], "relu", "manual")
@@ -83,10 +68,10 @@ def test_warmup_steps_must_be_positive() -> None:
         )
 
 
-def test_twin_module_refuses_cuda_graph_on_the_cpu(tmp_path) -> None:
+def test_twin_module_refuses_cuda_graph_on_the_cpu(quiet_trainer) -> None:
     loader = DataLoader(TensorDataset(torch.randn(8, 12), torch.zeros(8, dtype=torch.long)))
     module = TwinModule(sizes=[12, 16, 5], compare="off", cuda_graph=True)
-    trainer = quiet_trainer(tmp_path, "cpu")
+    trainer = quiet_trainer()
     with pytest.raises(ValueError, match=r"cuda_graph=True needs a CUDA device.*runs on cpu"):
         trainer.fit(module, loader)
 
@@ -166,7 +151,7 @@ def test_capture_leaves_weights_and_optimizer_untouched() -> None:
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["manual", "autograd"])
-def test_twin_module_cuda_graph_trains_like_the_eager_module(tmp_path, backend) -> None:
+def test_twin_module_cuda_graph_trains_like_the_eager_module(quiet_trainer, backend) -> None:
     """Two epochs with a short last batch, a validation loop (before which Lightning sets
     every ``.grad`` to None) and a step scheduler: same weights, same number of optimizer
     steps, same learning rate as the automatic-optimization module."""
@@ -186,7 +171,7 @@ def test_twin_module_cuda_graph_trains_like_the_eager_module(tmp_path, backend) 
             lr_gamma=0.5,
             check_every_n_steps=2,
         )
-        trainer = quiet_trainer(tmp_path, "gpu", max_epochs=2, num_sanity_val_steps=0)
+        trainer = quiet_trainer(accelerator="gpu", max_epochs=2, num_sanity_val_steps=0)
         loader = DataLoader(dataset, batch_size=16)  # 16, 16, 16, 2 rows
         trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
         model = module.manual_model if backend == "manual" else module.autograd_model
@@ -207,13 +192,13 @@ def test_twin_module_cuda_graph_trains_like_the_eager_module(tmp_path, backend) 
 
 @needs_cuda
 @pytest.mark.cuda
-def test_twin_module_cuda_graph_mixed_precision(tmp_path) -> None:
+def test_twin_module_cuda_graph_mixed_precision(quiet_trainer) -> None:
     """bfloat16 autocast is captured like any other op; float16 (loss scaling) is refused."""
     dataset = TensorDataset(torch.randn(48, 12), torch.arange(48) % 5)
     loader = DataLoader(dataset, batch_size=16)
     for precision in ("bf16-mixed", "16-mixed"):
         module = TwinModule(sizes=[12, 16, 5], compare="off", cuda_graph=True)
-        trainer = quiet_trainer(tmp_path, "gpu", precision=precision)
+        trainer = quiet_trainer(accelerator="gpu", precision=precision)
         if precision == "16-mixed":
             with pytest.raises(ValueError, match="does not support precision='16-mixed'"):
                 trainer.fit(module, loader)

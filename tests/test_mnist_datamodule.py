@@ -204,21 +204,11 @@ class _RecordingClassifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_lightning_trainer_sees_the_seeded_epoch_order(mnist_root, tmp_path):
+def test_lightning_trainer_sees_the_seeded_epoch_order(mnist_root, quiet_trainer):
     module = MNISTDataModule(data_dir=str(mnist_root), batch_size=32)
     model = _RecordingClassifier()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=3,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        max_epochs=3, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0
     )
     trainer.fit(model, datamodule=module)
     _, labels = module.split_tensors("train")

@@ -15,12 +15,11 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
 import manualbp.functional
 from manualbp.data import MNISTDataModule
+from manualbp.tools.runs import read_scalars
 from manualbp.train.callbacks import GradientMonitor
 from manualbp.train.cli import cli_main
 from manualbp.train.module import HP_METRICS, TwinModule
@@ -35,65 +34,39 @@ COSINE_TOLERANCE = 1e-6
 LOCKSTEP_DIVERGENCE_TOLERANCE = 1e-7
 
 
-def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the TensorBoard event files under ``log_dir``: tag → [(step, value)]."""
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return {
-        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
-        for tag in accumulator.Tags()["scalars"]
-    }
-
-
-def make_trainer(log_dir: Path, **overrides) -> L.Trainer:
-    """A quiet CPU trainer logging to TensorBoard under ``log_dir``."""
-    settings = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_epochs": 1,
-        "limit_val_batches": 1,
-        "logger": TensorBoardLogger(log_dir, name="", version="", default_hp_metric=False),
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    settings.update(overrides)
-    return L.Trainer(**settings)
-
-
 def mnist(root: Path, batch_size: int = 64) -> MNISTDataModule:
     return MNISTDataModule(data_dir=str(root), batch_size=batch_size, eval_batch_size=500)
 
 
-def steps(series: list[tuple[int, float]]) -> list[int]:
-    return [step for step, _ in series]
-
-
 # ----------------------------------------------------------------------------- check mode
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
-def test_check_mode_gradients_agree_to_float32_roundoff(mnist_root, tmp_path, activation):
+def test_check_mode_gradients_agree_to_float32_roundoff(
+    mnist_root, tmp_path, quiet_trainer, activation
+):
     L.seed_everything(0)
     module = TwinModule(
         sizes=[784, 64, 32, 10], activation=activation, compare="check", check_every_n_steps=4
     )
     initial_twin = copy.deepcopy(module.autograd_model.state_dict())
-    trainer = make_trainer(tmp_path, limit_train_batches=12, log_every_n_steps=4)
+    trainer = quiet_trainer(
+        log_dir=tmp_path, limit_train_batches=12, limit_val_batches=1, log_every_n_steps=4
+    )
     trainer.fit(module, mnist(mnist_root))
 
-    scalars = read_scalars(tmp_path)
-    assert steps(scalars["grad_check/max_rel"]) == [0, 4, 8]  # written at the step measured
-    assert steps(scalars["train/loss/autograd"]) == [0, 4, 8]  # the twin's loss, at checks
+    scalars = read_scalars(tmp_path, finite_only=False)
+    assert scalars["grad_check/max_rel"].steps.tolist() == [0, 4, 8]  # at the step measured
+    assert scalars["train/loss/autograd"].steps.tolist() == [0, 4, 8]  # the twin's, at checks
     params = [name for name, _ in module.manual_model.named_parameters()]
     for name in params:
-        for _, value in scalars[f"grad_check/{name}/max_rel"]:
+        for value in scalars[f"grad_check/{name}/max_rel"].values:
             assert value < MAX_REL_TOLERANCE, name
-        for _, value in scalars[f"grad_check/{name}/cosine"]:
+        for value in scalars[f"grad_check/{name}/cosine"].values:
             assert value > 1 - COSINE_TOLERANCE, name
-        for _, value in scalars[f"grad_check/{name}/norm_ratio"]:
+        for value in scalars[f"grad_check/{name}/norm_ratio"].values:
             assert value == pytest.approx(1.0, abs=MAX_REL_TOLERANCE), name
-    worst = max(value for _, value in scalars["grad_check/max_rel"])
-    assert scalars["grad_check/worst_max_rel"][-1][1] == pytest.approx(worst)
-    assert scalars["hp/worst_grad_max_rel"][-1] == (12, pytest.approx(worst))
+    worst = scalars["grad_check/max_rel"].values.max()
+    assert scalars["grad_check/worst_max_rel"].last == pytest.approx(worst)
+    assert scalars["hp/worst_grad_max_rel"].pairs()[-1] == (12, pytest.approx(worst))
     module.last_gradient_report.assert_close(rtol=MAX_REL_TOLERANCE)
 
     # The twin only lends its structure: frozen, out of the optimizer, weights untouched.
@@ -103,7 +76,7 @@ def test_check_mode_gradients_agree_to_float32_roundoff(mnist_root, tmp_path, ac
         assert torch.equal(value, initial_twin[key])
 
 
-def test_check_mode_flags_a_broken_backward(mnist_root, tmp_path, monkeypatch):
+def test_check_mode_flags_a_broken_backward(mnist_root, tmp_path, quiet_trainer, monkeypatch):
     """A sigmoid backward that is 1% too large must be caught, layer by layer: fc2 sits
     behind one sigmoid (error 1%), fc1 behind two (2.01%), the output layer fc3 behind none."""
     correct_backward = manualbp.functional.SigmoidFunction.backward
@@ -120,19 +93,21 @@ def test_check_mode_flags_a_broken_backward(mnist_root, tmp_path, monkeypatch):
     module = TwinModule(
         sizes=[784, 64, 32, 10], activation="sigmoid", compare="check", check_every_n_steps=4
     )
-    trainer = make_trainer(tmp_path, limit_train_batches=8, log_every_n_steps=4)
+    trainer = quiet_trainer(
+        log_dir=tmp_path, limit_train_batches=8, limit_val_batches=1, log_every_n_steps=4
+    )
     trainer.fit(module, mnist(mnist_root))
 
-    scalars = read_scalars(tmp_path)
-    for step, value in scalars["grad_check/max_rel"]:
+    scalars = read_scalars(tmp_path, finite_only=False)
+    for step, value in scalars["grad_check/max_rel"].pairs():
         assert value == pytest.approx(0.0201, rel=0.01), step
-    for _, value in scalars["grad_check/fc1.weight/max_rel"]:
+    for value in scalars["grad_check/fc1.weight/max_rel"].values:
         assert value == pytest.approx(0.0201, rel=0.01)
-    for _, value in scalars["grad_check/fc2.weight/max_rel"]:
+    for value in scalars["grad_check/fc2.weight/max_rel"].values:
         assert value == pytest.approx(0.01, rel=0.01)
-    for _, value in scalars["grad_check/fc3.weight/max_rel"]:
+    for value in scalars["grad_check/fc3.weight/max_rel"].values:
         assert value < MAX_REL_TOLERANCE
-    assert scalars["hp/worst_grad_max_rel"][-1][1] == pytest.approx(0.0201, rel=0.01)
+    assert scalars["hp/worst_grad_max_rel"].last == pytest.approx(0.0201, rel=0.01)
 
     report = module.last_gradient_report
     assert report.max_rel == pytest.approx(0.0201, rel=0.01)
@@ -145,7 +120,7 @@ def test_check_mode_flags_a_broken_backward(mnist_root, tmp_path, monkeypatch):
 
 
 # -------------------------------------------------------------------------- lockstep mode
-def test_lockstep_twins_stay_together_on_mnist(mnist_root, tmp_path):
+def test_lockstep_twins_stay_together_on_mnist(mnist_root, tmp_path, quiet_trainer):
     """30 steps of 784-200-10 ReLU / SGD momentum: every parameter of the two twins within
     LOCKSTEP_DIVERGENCE_TOLERANCE (1e-7) of each other; both losses and accuracies logged."""
     L.seed_everything(0)
@@ -153,7 +128,9 @@ def test_lockstep_twins_stay_together_on_mnist(mnist_root, tmp_path):
     initial = copy.deepcopy(module.manual_model.state_dict())
     for key, value in module.autograd_model.state_dict().items():
         assert torch.equal(value, initial[key])  # identical initial weights
-    trainer = make_trainer(tmp_path, limit_train_batches=30, log_every_n_steps=10)
+    trainer = quiet_trainer(
+        log_dir=tmp_path, limit_train_batches=30, limit_val_batches=1, log_every_n_steps=10
+    )
     trainer.fit(module, mnist(mnist_root))
 
     assert trainer.global_step == 30
@@ -161,23 +138,24 @@ def test_lockstep_twins_stay_together_on_mnist(mnist_root, tmp_path):
     assert divergence["divergence/max"].item() < LOCKSTEP_DIVERGENCE_TOLERANCE
     assert not torch.equal(module.manual_model.fc1.weight, initial["fc1.weight"])  # it trained
 
-    scalars = read_scalars(tmp_path)
-    assert steps(scalars["divergence/max"]) == [0, 10, 20]
-    assert scalars["divergence/max"][0][1] == 0.0
-    assert all(value < LOCKSTEP_DIVERGENCE_TOLERANCE for _, value in scalars["divergence/max"])
-    assert scalars["hp/divergence_max"][-1] == (30, pytest.approx(divergence["divergence/max"]))
+    scalars = read_scalars(tmp_path, finite_only=False)
+    assert scalars["divergence/max"].steps.tolist() == [0, 10, 20]
+    assert scalars["divergence/max"].values[0] == 0.0
+    assert all(value < LOCKSTEP_DIVERGENCE_TOLERANCE for value in scalars["divergence/max"].values)
+    hp_divergence = scalars["hp/divergence_max"].pairs()[-1]
+    assert hp_divergence == (30, pytest.approx(divergence["divergence/max"]))
     for metric in ("loss", "acc"):
         manual, autograd = scalars[f"train/{metric}/manual"], scalars[f"train/{metric}/autograd"]
-        assert steps(manual) == steps(autograd) == [9, 19, 29]
-        for (_, m), (_, a) in zip(manual, autograd, strict=True):
+        assert manual.steps.tolist() == autograd.steps.tolist() == [9, 19, 29]
+        for m, a in zip(manual.values, autograd.values, strict=True):
             assert m == pytest.approx(a, rel=1e-5)
-    assert scalars["train/loss/manual"][-1][1] < scalars["train/loss/manual"][0][1]
+    assert scalars["train/loss/manual"].last < scalars["train/loss/manual"].values[0]
     for tag in ("val/acc/manual", "val/acc/autograd", "val/loss/manual", "val/loss/autograd"):
-        assert steps(scalars[tag]) == [29]  # Lightning labels it with the last step
+        assert scalars[tag].steps.tolist() == [29]  # Lightning labels it with the last step
 
 
 @pytest.mark.parametrize("backend", ["manual", "autograd"])
-def test_off_mode_logs_fresh_training_metrics(mnist_root, tmp_path, backend):
+def test_off_mode_logs_fresh_training_metrics(mnist_root, tmp_path, quiet_trainer, backend):
     """compare="off" trains one model (the manual one, or the autograd baseline). Training
     metrics are logged only on the steps Lightning writes: the value written at step s must
     be the loss of step s, not a stale one."""
@@ -193,21 +171,22 @@ def test_off_mode_logs_fresh_training_metrics(mnist_root, tmp_path, backend):
     L.seed_everything(0)
     module = TwinModule(sizes=[784, 32, 10], compare="off", check_every_n_steps=5, backend=backend)
     initial = copy.deepcopy(module.manual_model.state_dict())
-    trainer = make_trainer(
-        tmp_path,
+    trainer = quiet_trainer(
+        log_dir=tmp_path,
         limit_train_batches=9,
+        limit_val_batches=1,
         log_every_n_steps=3,
         callbacks=[recorder, GradientMonitor(norm_every_n_steps=4, histogram_every_n_steps=0)],
     )
     trainer.fit(module, mnist(mnist_root))
 
-    scalars = read_scalars(tmp_path)
+    scalars = read_scalars(tmp_path, finite_only=False)
     logged = scalars[f"train/loss/{backend}"]
-    assert steps(logged) == [2, 5, 8]
-    for step, value in logged:
+    assert logged.steps.tolist() == [2, 5, 8]
+    for step, value in logged.pairs():
         assert value == pytest.approx(recorder.losses[step], rel=1e-7)
-    assert steps(scalars[f"train/acc/{backend}"]) == [2, 5, 8]
-    assert steps(scalars[f"val/acc/{backend}"]) == [8]
+    assert scalars[f"train/acc/{backend}"].steps.tolist() == [2, 5, 8]
+    assert scalars[f"val/acc/{backend}"].steps.tolist() == [8]
     assert not any(tag.startswith(("grad_check/", "divergence/")) for tag in scalars)
     other = "autograd" if backend == "manual" else "manual"
     assert not any(tag.endswith(f"/{other}") for tag in scalars)
@@ -215,7 +194,7 @@ def test_off_mode_logs_fresh_training_metrics(mnist_root, tmp_path, backend):
     params = ("fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight")
     norms = sorted(tag for tag in scalars if tag.startswith("grad_norm/"))
     assert norms == [f"grad_norm/{backend}/{param}" for param in params]
-    assert steps(scalars[norms[0]]) == [0, 4, 8]
+    assert scalars[norms[0]].steps.tolist() == [0, 4, 8]
     if backend == "manual":
         assert module.autograd_model is None
     else:
@@ -269,8 +248,8 @@ def test_resume_from_last_checkpoint_is_exact(mnist_root, tmp_path):
     for index, buffers in full_state.items():
         assert torch.equal(buffers["momentum_buffer"], resumed_state[index]["momentum_buffer"])
 
-    straight = read_scalars(tmp_path / "resume" / "full")
-    second_half = read_scalars(tmp_path / "resume" / "b")
+    straight = read_scalars(tmp_path / "resume" / "full", finite_only=False)
+    second_half = read_scalars(tmp_path / "resume" / "b", finite_only=False)
     for tag in (
         "val/acc/manual",
         "val/acc/autograd",
@@ -281,12 +260,12 @@ def test_resume_from_last_checkpoint_is_exact(mnist_root, tmp_path):
         "grad_check/max_rel",
         "divergence/max",
     ):
-        expected = [(step, value) for step, value in straight[tag] if step >= 8]
+        expected = [(step, value) for step, value in straight[tag].pairs() if step >= 8]
         assert expected, tag
-        assert second_half[tag] == expected, tag
+        assert second_half[tag].pairs() == expected, tag
 
 
-def test_checkpoint_holds_hyperparameters_and_both_models(mnist_root, tmp_path):
+def test_checkpoint_holds_hyperparameters_and_both_models(mnist_root, tmp_path, quiet_trainer):
     hparams = {
         "sizes": [784, 16, 10],
         "activation": "tanh",
@@ -309,8 +288,12 @@ def test_checkpoint_holds_hyperparameters_and_both_models(mnist_root, tmp_path):
     module = TwinModule(**hparams)
     initial = copy.deepcopy(module.state_dict())
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = make_trainer(
-        tmp_path, limit_train_batches=5, enable_checkpointing=True, callbacks=[checkpoint]
+    trainer = quiet_trainer(
+        log_dir=tmp_path,
+        limit_train_batches=5,
+        limit_val_batches=1,
+        enable_checkpointing=True,
+        callbacks=[checkpoint],
     )
     trainer.fit(module, mnist(mnist_root))
 
@@ -332,12 +315,12 @@ def test_checkpoint_holds_hyperparameters_and_both_models(mnist_root, tmp_path):
 
 # ------------------------------------------------------------------------- failure modes
 @pytest.mark.parametrize("compare", ["lockstep", "check", "off"])
-def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path, compare):
+def test_non_finite_loss_stops_training_with_a_clear_error(quiet_trainer, compare):
     inputs = torch.tensor([[0.0, 1.0], [float("nan"), 0.0]])  # (2, 2)
     targets = torch.tensor([[1.0], [0.0]])  # (2, 1)
     loader = DataLoader(TensorDataset(inputs, targets), batch_size=2)
     module = TwinModule(sizes=[2, 4, 1], activation="sigmoid", loss="mse", compare=compare)
-    trainer = make_trainer(tmp_path, logger=False, limit_val_batches=0)
+    trainer = quiet_trainer(limit_val_batches=0)
     with pytest.raises(FloatingPointError, match=r"training loss of the manual.* at step 0"):
         trainer.fit(module, loader)
 

@@ -3,7 +3,8 @@
 Three runs through the ``manualbp`` CLI, in process, a few MNIST steps each: a lockstep
 two-layer net, and a deep sigmoid net with its ReLU twin (check mode, so the autograd twin has
 no validation/test metrics: the report must say so instead of crashing). The table's numbers
-are compared with the event files read back here independently.
+are compared with the event files read back here with the shared reader, keeping every logged
+value (``read_scalars(..., finite_only=False)``), not taken from the report's ``Run`` objects.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import runpy
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
 from manualbp.tools.report import Published, write_report
-from manualbp.tools.runs import discover_runs
+from manualbp.tools.runs import discover_runs, read_scalars
 from manualbp.train.cli import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,16 +69,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Path:
     return root
 
 
-def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of a run as ``(step, value)`` lists, read without manualbp.report."""
-    accumulator = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0})
-    accumulator.Reload()
-    return {
-        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
-        for tag in accumulator.Tags()["scalars"]
-    }
-
-
 def _table(markdown: str) -> dict[str, dict[str, str]]:
     """The results table as ``{experiment: {column: cell}}``."""
     lines = [line for line in markdown.splitlines() if line.startswith("|")]
@@ -88,10 +78,6 @@ def _table(markdown: str) -> dict[str, dict[str, str]]:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         rows[cells[0]] = dict(zip(header, cells, strict=True))
     return rows
-
-
-def _last(series: list[tuple[int, float]]) -> float:
-    return max(series)[1]
 
 
 def test_discover_takes_latest_version_with_events(runs: Path, tmp_path: Path) -> None:
@@ -133,14 +119,14 @@ def test_report_writes_every_figure_and_the_event_files_numbers(runs: Path, tmp_
     for png in expected - {"results.md"}:
         assert f"({png})" in markdown
 
-    lockstep = _scalars(runs / "tiny_lockstep" / "version_0")
+    lockstep = read_scalars(runs / "tiny_lockstep" / "version_0", finite_only=False)
     row = table["tiny_lockstep"]
-    manual = 100 * (1 - _last(lockstep["test/acc/manual"]))
-    autograd = 100 * (1 - _last(lockstep["test/acc/autograd"]))
+    manual = 100 * (1 - lockstep["test/acc/manual"].last)
+    autograd = 100 * (1 - lockstep["test/acc/autograd"].last)
     assert row["test error manual (%)"] == f"{manual:.2f}"
     assert row["test error autograd (%)"] == f"{autograd:.2f}"
     assert row["difference (pp)"] == f"{manual - autograd:+.2f}"
-    worst = max(value for _, value in lockstep["grad_check/max_rel"])
+    worst = lockstep["grad_check/max_rel"].values.max()
     assert row["worst grad max_rel"] == f"{worst:.2e}"
     assert row["epochs"] == "2"
     assert row["architecture"] == "784-24-10 relu"
@@ -151,10 +137,10 @@ def test_report_writes_every_figure_and_the_event_files_numbers(runs: Path, tmp_
 
     # Check mode: the autograd twin has no test metrics; the table says so.
     for name in ("tiny_sigmoid", "tiny_relu"):
-        scalars = _scalars(runs / name / "version_0")
+        scalars = read_scalars(runs / name / "version_0", finite_only=False)
         assert "test/acc/autograd" not in scalars
         row = table[name]
-        manual = 100 * (1 - _last(scalars["test/acc/manual"]))
+        manual = 100 * (1 - scalars["test/acc/manual"].last)
         assert row["test error manual (%)"] == f"{manual:.2f}"
         assert row["test error autograd (%)"] == "n/a"
         assert row["difference (pp)"] == "n/a"
@@ -168,9 +154,9 @@ def test_deep_sigmoid_gradients_vanish_towards_the_input(runs: Path) -> None:
     smaller gradient than its last, the ReLU net's does not shrink as much."""
     ratios = {}
     for name in ("tiny_sigmoid", "tiny_relu"):
-        scalars = _scalars(runs / name / "version_0")
-        first = dict(scalars["grad_norm/manual/fc1.weight"])[0]
-        last = dict(scalars["grad_norm/manual/fc5.weight"])[0]
+        scalars = read_scalars(runs / name / "version_0", finite_only=False)
+        first = dict(scalars["grad_norm/manual/fc1.weight"].pairs())[0]
+        last = dict(scalars["grad_norm/manual/fc5.weight"].pairs())[0]
         ratios[name] = first / last
     assert ratios["tiny_sigmoid"] < ratios["tiny_relu"]
     assert math.isfinite(ratios["tiny_sigmoid"]) and ratios["tiny_sigmoid"] > 0

@@ -242,7 +242,7 @@ def _snapshot_steps(steps: np.ndarray, count: int) -> list[int]:
 
 def plot_grad_norms(sigmoid: Run, relu: Run, out: Path, snapshots: int = 4) -> None:
     """Per-layer gradient norms ``grad_norm/manual/fc<i>.weight`` of a deep sigmoid net and its
-    ReLU twin: left, norm against layer index at a few steps; right, each layer over
+    ReLU counterpart: left, norm against layer index at a few steps; right, each layer over
     training for both nets. Log scale."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))

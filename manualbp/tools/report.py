@@ -7,7 +7,7 @@ Reads the runs (:mod:`manualbp.tools.runs`) under ``runs/<experiment>/version_N/
 * ``grad_check_<experiment>.png``: the largest relative gradient error per parameter over
   training (``grad_check/<param>/max_rel``, log scale);
 * ``grad_norms_<sigmoid>_vs_<relu>.png``: per-layer gradient norms of a deep sigmoid net and
-  its ReLU twin (vanishing gradients), for every such pair among the runs;
+  its ReLU counterpart (vanishing gradients), for every such pair among the runs;
 * ``test_error.png``: final test error of every experiment, both twins, beside the published
   error where known;
 * ``results.md``: the table behind ``test_error.png`` plus the gradient agreement, and a note

@@ -32,6 +32,10 @@ class Series:
         """The value at the largest step."""
         return float(self.values[-1])
 
+    def pairs(self) -> list[tuple[int, float]]:
+        """``[(step, value), ...]`` as plain Python numbers, in step order."""
+        return list(zip(self.steps.tolist(), self.values.tolist(), strict=True))
+
 
 @dataclass
 class Run:
@@ -129,8 +133,15 @@ def discover_runs(runs_root: Path | str) -> list[Path]:
     return found
 
 
-def read_scalars(path: Path | str) -> dict[str, Series]:
-    """Every scalar tag of the event files in ``path`` (all events, no sampling)."""
+def read_scalars(path: Path | str, *, finite_only: bool = True) -> dict[str, Series]:
+    """Every scalar tag of the event files in ``path`` (all events, no sampling).
+
+    Args:
+        path: the directory holding the event files.
+        finite_only: drop non-finite values (the NaN placeholders the hparams tab writes at
+            step 0, and any other NaN or inf) and tags left without a value. ``False`` keeps
+            them, for a caller that must see a NaN that was logged.
+    """
     from tensorboard.backend.event_processing.event_accumulator import (
         HISTOGRAMS,
         IMAGES,
@@ -146,10 +157,11 @@ def read_scalars(path: Path | str) -> dict[str, Series]:
     scalars = {}
     for tag in accumulator.Tags()["scalars"]:
         by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
-        finite = {step: value for step, value in by_step.items() if math.isfinite(value)}
-        if finite:  # placeholders (hparams-tab NaNs) carry no measurement
-            steps = np.array(sorted(finite), dtype=np.int64)
-            values = np.array([finite[int(step)] for step in steps], dtype=np.float64)
+        if finite_only:  # placeholders (hparams-tab NaNs) carry no measurement
+            by_step = {step: value for step, value in by_step.items() if math.isfinite(value)}
+        if by_step:
+            steps = np.array(sorted(by_step), dtype=np.int64)
+            values = np.array([by_step[int(step)] for step in steps], dtype=np.float64)
             scalars[tag] = Series(steps, values)
     return scalars
 

@@ -2,8 +2,8 @@
 
 Per-layer gradient norms (``grad_norm/<model>/<param>``) are the vanishing-gradient picture:
 in a deep sigmoid net the first layers' norms sit orders of magnitude below the last ones',
-in its ReLU twin they do not. Histograms (``grad/<model>/<param>``, ``weight/<model>/<param>``)
-are costly, so they have their own, longer interval.
+in its ReLU counterpart they do not. Histograms (``grad/<model>/<param>``,
+``weight/<model>/<param>``) are costly, so they have their own, longer interval.
 """
 
 from __future__ import annotations
