@@ -52,10 +52,16 @@ def mm_in_layout(a: torch.Tensor, b: torch.Tensor, column_major: bool) -> torch.
     return a.mm(b)
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (False for devices without
+    autocast, such as ``meta``)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def remember_autocast_state(ctx, tensor: torch.Tensor) -> None:
     """Store on ``ctx`` whether autocast is on for ``tensor``'s device, and its dtype."""
     device_type = tensor.device.type
-    ctx.autocast_enabled = torch.is_autocast_enabled(device_type)
+    ctx.autocast_enabled = autocast_enabled(device_type)
     if ctx.autocast_enabled:
         ctx.autocast_device_type = device_type
         ctx.autocast_dtype = torch.get_autocast_dtype(device_type)
@@ -76,6 +82,6 @@ def upcast_like_autocast_fp32_ops(*tensors: torch.Tensor) -> tuple[torch.Tensor,
     dtype matches the builtin ones. The cast is an ordinary autograd op, so the gradient
     flows back in the caller's dtype.
     """
-    if not torch.is_autocast_enabled(tensors[0].device.type):
+    if not autocast_enabled(tensors[0].device.type):
         return tensors
     return tuple(t.float() if t.dtype in _LOWER_PRECISION else t for t in tensors)

@@ -10,12 +10,24 @@ from __future__ import annotations
 
 import torch
 
+from manualbp._precision import autocast_enabled
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
 def check_tensor(value: object, name: str, function: str) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{function}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_real(tensor: torch.Tensor, name: str, function: str) -> None:
+    """Complex tensors are refused: the handwritten formulas are for real numbers (a complex
+    gradient needs conjugates they do not take)."""
+    if tensor.is_complex():
+        raise RuntimeError(
+            f"{function}: {name} has dtype {tensor.dtype}; complex tensors are not supported, "
+            f"expected a real dtype"
+        )
 
 
 def check_floating(tensor: torch.Tensor, name: str, function: str) -> None:
@@ -33,6 +45,8 @@ def check_reduction(reduction: object, function: str) -> None:
 def check_linear_args(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     check_tensor(input, "input", "linear")
     check_tensor(weight, "weight", "linear")
+    check_real(input, "input", "linear")
+    check_real(weight, "weight", "linear")
     if weight.dim() != 2:
         raise RuntimeError(
             f"linear: weight must be 2-D (out_features, in_features), "
@@ -43,13 +57,14 @@ def check_linear_args(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
             f"linear: input of shape {tuple(input.shape)} does not match weight of shape "
             f"{tuple(weight.shape)}: expected input shape (*, {weight.shape[1]})"
         )
-    if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
+    if input.dtype != weight.dtype and not autocast_enabled(input.device.type):
         raise RuntimeError(
             f"linear: input dtype {input.dtype} differs from weight dtype {weight.dtype}; "
             f"expected both the same (or run under torch.autocast)"
         )
     if bias is not None:
         check_tensor(bias, "bias", "linear")
+        check_real(bias, "bias", "linear")
         if tuple(bias.shape) != (weight.shape[0],):
             raise RuntimeError(
                 f"linear: bias must have shape ({weight.shape[0]},) to match weight of shape "

@@ -10,6 +10,8 @@ Shapes: ``N`` rows, ``C`` classes, ``in``/``out`` features, ``*`` any leading di
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
@@ -28,6 +30,7 @@ from manualbp._validation import (
     check_cross_entropy_args,
     check_linear_args,
     check_mse_args,
+    check_real,
     check_tensor,
 )
 
@@ -75,8 +78,11 @@ class LinearFunction(Function):
 
 
 def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """``(*, k)`` → ``(N, k)`` with ``N = prod(*)``; a 2-D tensor is returned as it is."""
-    return tensor if tensor.dim() == 2 else tensor.reshape(-1, tensor.shape[-1])
+    """``(*, k)`` → ``(N, k)`` with ``N = prod(*)`` (1 for a 1-D tensor); a 2-D tensor is
+    returned as it is."""
+    if tensor.dim() == 2:
+        return tensor
+    return tensor.reshape(math.prod(tensor.shape[:-1]), tensor.shape[-1])
 
 
 def _unflatten_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -158,10 +164,12 @@ class ReLUFunction(Function):
         if not ctx.needs_input_grad[0]:
             return None
         if grad_output.device.type != "cpu":
-            return torch.where(y <= 0, 0.0, grad_output)  # (*)  torch's rule, bit for bit
-        # On the CPU a float mask multiplies several times faster than a boolean one selects;
-        # 0 + g·sign(y) in one fused op gives +0 (not g·0 = -0) where y = 0.
-        return torch.addcmul(grad_output.new_zeros(()), grad_output, torch.sign(y))  # (*)
+            return torch.where(y <= 0, 0.0, grad_output)  # (*)  torch's rule: 0 where y <= 0
+        # The same rule on the CPU, where a float mask multiplies several times faster than a
+        # boolean one selects: [y > 0] = sign(y), with a NaN y counted as passing g, as torch
+        # does; 0 + g·mask in one fused op gives +0 (not g·0 = -0) where y = 0.
+        mask = torch.sign(torch.nan_to_num(y, nan=1.0))  # (*)  1 where y > 0 or NaN, else 0
+        return torch.addcmul(grad_output.new_zeros(()), grad_output, mask)  # (*)
 
 
 class CrossEntropyFunction(Function):
@@ -263,7 +271,7 @@ class MSELossFunction(Function):
         needs_input, needs_target, _ = ctx.needs_input_grad
         if not (needs_input or needs_target):
             return None, None, None
-        k = 2.0 / input.numel() if ctx.reduction == "mean" else 2.0
+        k = 2.0 / max(input.numel(), 1) if ctx.reduction == "mean" else 2.0
         if input.dtype in (torch.float16, torch.bfloat16):
             k = float(torch.tensor(k, dtype=input.dtype))  # torch's kernel rounds k too
         grad_input = k * (input - target) * grad_output  # (*)  torch's evaluation order
@@ -285,12 +293,14 @@ def linear(
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
     """Logistic sigmoid of ``input (*)`` → ``(*)``, handwritten backward."""
     check_tensor(input, "input", "sigmoid")
+    check_real(input, "input", "sigmoid")
     return apply(SigmoidFunction, input)
 
 
 def tanh(input: torch.Tensor) -> torch.Tensor:
     """Hyperbolic tangent of ``input (*)`` → ``(*)``, handwritten backward."""
     check_tensor(input, "input", "tanh")
+    check_real(input, "input", "tanh")
     return apply(TanhFunction, input)
 
 
@@ -301,6 +311,7 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     layer saved for its own backward.
     """
     check_tensor(input, "input", "relu")
+    check_real(input, "input", "relu")
     if inplace:
         raise ValueError("relu: inplace=True is not supported; expected inplace=False")
     return apply(ReLUFunction, input)
