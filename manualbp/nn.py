@@ -133,13 +133,52 @@ _ACTIVATIONS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
 _BACKENDS = ("manual", "autograd")
 
 
+def _unsupported_options(module: nn.Module) -> str | None:
+    """What ``module`` is set to that the manualbp counterpart of its class cannot compute
+    (``None`` when the conversion reproduces it exactly)."""
+    if isinstance(module, nn.CrossEntropyLoss):
+        if module.weight is not None:
+            return "class weights (weight=...)"
+        if module.label_smoothing != 0.0:
+            return f"label_smoothing={module.label_smoothing}"
+    if isinstance(module, nn.ReLU) and module.inplace:
+        return "inplace=True"
+    return None
+
+
+def _qualified(cls: type) -> str:
+    """``torch.nn.Linear`` rather than ``torch.nn.modules.linear.Linear``."""
+    for package in ("torch.nn", "manualbp.nn"):
+        if cls.__module__.startswith(package):
+            return f"{package}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _convert(model: nn.Module, mapping: dict[type[nn.Module], type[nn.Module]]) -> nn.Module:
+    """A deep copy of ``model`` with each module of a class in ``mapping`` changed to the
+    mapped class; refuses, naming the module, anything the change could not reproduce."""
+    convertible = tuple(mapping)
+    for name, module in model.named_modules():
+        where = f"{name or 'the model'} ({type(module).__name__})"
+        target = mapping.get(type(module))
+        if target is None and isinstance(module, convertible):
+            base = next(cls for cls in type(module).__mro__ if cls in mapping)
+            raise ValueError(
+                f"cannot convert {where}: it subclasses {_qualified(base)}, and converting it "
+                f"to the counterpart of {base.__name__} would drop what the subclass changes"
+            )
+        if target is not None:
+            unsupported = _unsupported_options(module)
+            if unsupported is not None:
+                manual_cls = target if target in MANUAL_TO_TORCH else type(module)
+                raise ValueError(
+                    f"cannot convert {where}: manualbp.nn.{manual_cls.__name__} does not "
+                    f"support {unsupported}; the converted model would compute something else"
+                )
     twin = copy.deepcopy(model)
     for module in twin.modules():
         target = mapping.get(type(module))
         if target is not None:
-            if target is ReLU and module.inplace:
-                raise ValueError(f"cannot convert {module!r}: manualbp's ReLU is not in-place")
             module.__class__ = target
     return twin
 

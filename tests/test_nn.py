@@ -241,3 +241,40 @@ def test_module_loss_matches_functional_loss() -> None:
         mnn.CrossEntropyLoss(reduction="none")(logits, target),
         F.cross_entropy(logits, target, reduction="none"),
     )
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        (nn.CrossEntropyLoss(weight=torch.ones(3)), r"class weights"),
+        (nn.CrossEntropyLoss(label_smoothing=0.2), r"label_smoothing=0.2"),
+        (nn.Sequential(nn.Linear(2, 2), nn.ReLU(inplace=True)), r"1 \(ReLU\).*inplace=True"),
+    ],
+    ids=["weight", "label_smoothing", "inplace-relu"],
+)
+def test_manual_twin_refuses_options_it_would_drop(module, message) -> None:
+    """A converter reproduces a module exactly or refuses, naming the module and the option:
+    a class-weighted loss converted silently computed 2.135 where the original gave 2.088."""
+    with pytest.raises(ValueError, match=rf"cannot convert .*{message}"):
+        manual_twin(module)
+
+
+def test_autograd_twin_refuses_a_manual_module_set_to_what_it_ignores() -> None:
+    loss = mnn.CrossEntropyLoss()
+    loss.label_smoothing = 0.1  # the manual forward would ignore it, torch's would not
+    with pytest.raises(ValueError, match=r"label_smoothing=0.1"):
+        autograd_twin(loss)
+
+
+def test_converters_refuse_subclasses_of_the_classes_they_map() -> None:
+    class DoubledLinear(nn.Linear):
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(input)
+
+    class QuietReLU(mnn.ReLU):
+        pass
+
+    with pytest.raises(ValueError, match=r"0 \(DoubledLinear\): it subclasses torch.nn.Linear"):
+        manual_twin(nn.Sequential(DoubledLinear(2, 2)))
+    with pytest.raises(ValueError, match=r"QuietReLU.*subclasses manualbp.nn.ReLU"):
+        autograd_twin(nn.Sequential(mnn.Linear(2, 2), QuietReLU()))
