@@ -40,6 +40,7 @@ __all__ = [
     "GradientReport",
     "agreement",
     "compare_gradients",
+    "custom_functions",
     "gradients_at",
     "ulp",
 ]
@@ -66,13 +67,46 @@ def gradients_at(
         targets: what ``loss_fn`` expects, e.g. ``(N,)`` class indices.
 
     Returns:
-        ``(loss, grads)`` with ``grads[name]`` shaped like ``parameters[name]``.
+        ``(loss, grads)`` with ``grads[name]`` shaped like ``parameters[name]`` (zeros for a
+        parameter the loss does not use).
     """
+    loss, grads, _ = _loss_gradients_and_functions(model, loss_fn, parameters, inputs, targets)
+    return loss, grads
+
+
+def _loss_gradients_and_functions(
+    model: nn.Module,
+    loss_fn: LossFn,
+    parameters: Mapping[str, torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[str, ...]]:
+    """:func:`gradients_at`, and the custom Functions the loss ran through."""
     leaves = {name: p.detach().requires_grad_(True) for name, p in parameters.items()}
     with torch.enable_grad():
         loss = loss_fn(functional_call(model, leaves, (inputs,)), targets)
-        grads = torch.autograd.grad(loss, list(leaves.values()))
-    return loss.detach(), dict(zip(leaves, grads, strict=True))
+        functions = custom_functions(loss)
+        grads = torch.autograd.grad(
+            loss, list(leaves.values()), allow_unused=True, materialize_grads=True
+        )
+    return loss.detach(), dict(zip(leaves, grads, strict=True)), functions
+
+
+def custom_functions(output: torch.Tensor) -> tuple[str, ...]:
+    """The ``torch.autograd.Function`` classes (handwritten backward passes) that ``output``'s
+    autograd graph runs through, by name, sorted; ``()`` for a graph of builtin ops only."""
+    found: set[str] = set()
+    seen: set[int] = set()
+    pending = [output.grad_fn]
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            found.add(type(node).__name__.removesuffix("Backward"))
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return tuple(sorted(found))
 
 
 def ulp(reference: torch.Tensor) -> torch.Tensor:
@@ -148,11 +182,14 @@ class GradientReport:
         loss_manual: the manual model's loss ``()``.
         loss_autograd: the twin's loss ``()`` at the same weights.
         statistics: parameter name → statistic name → ``()`` tensor (see module docstring).
+        handwritten: the custom Functions the manual model's loss ran through (what the
+            check checked), e.g. ``("CrossEntropyFunction", "LinearFunction", ...)``.
     """
 
     loss_manual: torch.Tensor
     loss_autograd: torch.Tensor
     statistics: dict[str, dict[str, torch.Tensor]]
+    handwritten: tuple[str, ...] = ()
 
     @property
     def all_exact(self) -> bool:
@@ -234,7 +271,26 @@ def compare_gradients(
             "compare_gradients: the models' parameter names differ; missing from the reference "
             f"model: {missing}, only in the reference model: {extra}"
         )
-    loss_m, grads_m = gradients_at(manual_model, manual_loss, parameters, inputs, targets)
-    loss_a, grads_a = gradients_at(reference_model, reference_loss, parameters, inputs, targets)
+    loss_m, grads_m, handwritten = _loss_gradients_and_functions(
+        manual_model, manual_loss, parameters, inputs, targets
+    )
+    loss_a, grads_a, in_reference = _loss_gradients_and_functions(
+        reference_model, reference_loss, parameters, inputs, targets
+    )
+    if not handwritten:
+        raise ValueError(
+            "compare_gradients: the manual model runs no handwritten Function (its gradients "
+            "come from builtin autograd alone), so the check would compare autograd with "
+            "itself; build it from manualbp.functional / manualbp.nn or your own Functions"
+        )
+    if in_reference:
+        raise ValueError(
+            f"compare_gradients: the reference model runs custom autograd Functions "
+            f"({', '.join(in_reference)}), so the check would compare a handwritten backward "
+            f"with itself; the reference must compute with builtin ops (its forward calls "
+            f"them directly, or one of its modules was copied, not converted: use modules, "
+            f"e.g. manualbp.nn.ReLU rather than manualbp.functional.relu, so that "
+            f"autograd_twin can convert them, and register your own with register_twin)"
+        )
     statistics = {name: agreement(grads_m[name], grads_a[name]) for name in grads_m}
-    return GradientReport(loss_m, loss_a, statistics)
+    return GradientReport(loss_m, loss_a, statistics, handwritten)

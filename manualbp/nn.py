@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import itertools
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -29,7 +31,9 @@ __all__ = [
     "Sigmoid",
     "Tanh",
     "autograd_twin",
+    "is_handwritten",
     "manual_twin",
+    "register_twin",
 ]
 
 Activation = Literal["relu", "sigmoid", "tanh"]
@@ -113,24 +117,70 @@ class MSELoss(_Manual, nn.MSELoss):
         return MF.mse_loss(input, target, self.reduction)
 
 
-# Each manual module and the torch.nn class it stands in for. The manual classes add no
-# state to their parents, so converting between the two is a change of class, nothing more.
-MANUAL_TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {
-    Linear: nn.Linear,
-    Sigmoid: nn.Sigmoid,
-    Tanh: nn.Tanh,
-    ReLU: nn.ReLU,
-    CrossEntropyLoss: nn.CrossEntropyLoss,
-    MSELoss: nn.MSELoss,
-}
-TORCH_TO_MANUAL = {torch_cls: manual_cls for manual_cls, torch_cls in MANUAL_TO_TORCH.items()}
+Converter = Callable[[nn.Module], nn.Module]
 
-_ACTIVATIONS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
-    "relu": (ReLU, nn.ReLU),
-    "sigmoid": (Sigmoid, nn.Sigmoid),
-    "tanh": (Tanh, nn.Tanh),
-}
-_BACKENDS = ("manual", "autograd")
+
+@dataclass(frozen=True)
+class _TwinPair:
+    manual: type[nn.Module]
+    autograd: type[nn.Module]
+    to_autograd: Converter | None
+    to_manual: Converter | None
+
+
+# manual class -> its pair; torch class -> its pair. The built-in pairs change a module's class
+# and nothing else: the manual classes add no state to their torch.nn parents.
+_BY_MANUAL: dict[type[nn.Module], _TwinPair] = {}
+_BY_AUTOGRAD: dict[type[nn.Module], _TwinPair] = {}
+
+
+def register_twin(
+    manual_cls: type[nn.Module],
+    autograd_cls: type[nn.Module],
+    *,
+    to_autograd: Converter | None = None,
+    to_manual: Converter | None = None,
+) -> None:
+    """Declare ``autograd_cls`` the builtin-autograd counterpart of ``manual_cls``, your own
+    module with a handwritten backward, so that :func:`autograd_twin` (and
+    :func:`manual_twin`, the other way) convert it.
+
+    By default a conversion changes the module's class and keeps its state (parameters,
+    buffers, attributes): exact when ``manual_cls`` subclasses ``autograd_cls`` and only
+    overrides ``forward``, as manualbp's own modules do. Otherwise give
+    ``to_autograd(manual_module) -> autograd_module`` (and ``to_manual`` for the reverse),
+    which must reproduce the module exactly, weights included. A module that computes the same
+    in both twins (e.g. a reshape) registers with itself: ``register_twin(View, View)``.
+    """
+    for name, cls in (("manual_cls", manual_cls), ("autograd_cls", autograd_cls)):
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"register_twin: {name} must be an nn.Module class, got {cls!r}")
+    same_state = issubclass(manual_cls, autograd_cls) or issubclass(autograd_cls, manual_cls)
+    if to_autograd is None and not same_state:
+        raise TypeError(
+            f"register_twin: {manual_cls.__qualname__} does not subclass "
+            f"{_qualified(autograd_cls)}, so changing its class would not rebuild it; pass "
+            f"to_autograd=<function building the {autograd_cls.__name__} from a "
+            f"{manual_cls.__name__}>"
+        )
+    pair = _TwinPair(manual_cls, autograd_cls, to_autograd, to_manual)
+    _BY_MANUAL[manual_cls] = pair
+    if to_manual is not None or same_state:
+        _BY_AUTOGRAD[autograd_cls] = pair
+
+
+def is_handwritten(module: nn.Module) -> bool:
+    """Whether ``module``'s class is a registered manual class (manualbp's or your own)."""
+    pair = _BY_MANUAL.get(type(module))
+    return pair is not None and pair.manual is not pair.autograd
+
+
+def _qualified(cls: type) -> str:
+    """``torch.nn.Linear`` rather than ``torch.nn.modules.linear.Linear``."""
+    for package in ("torch.nn", "manualbp.nn"):
+        if cls.__module__.startswith(package):
+            return f"{package}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _unsupported_options(module: nn.Module) -> str | None:
@@ -146,55 +196,106 @@ def _unsupported_options(module: nn.Module) -> str | None:
     return None
 
 
-def _qualified(cls: type) -> str:
-    """``torch.nn.Linear`` rather than ``torch.nn.modules.linear.Linear``."""
-    for package in ("torch.nn", "manualbp.nn"):
-        if cls.__module__.startswith(package):
-            return f"{package}.{cls.__qualname__}"
-    return f"{cls.__module__}.{cls.__qualname__}"
+def _is_builtin(cls: type) -> bool:
+    return cls.__module__.startswith("torch.nn.")
 
 
-def _convert(model: nn.Module, mapping: dict[type[nn.Module], type[nn.Module]]) -> nn.Module:
-    """A deep copy of ``model`` with each module of a class in ``mapping`` changed to the
-    mapped class; refuses, naming the module, anything the change could not reproduce."""
-    convertible = tuple(mapping)
+def _owns_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False)) or any(
+        True for _ in module.buffers(recurse=False)
+    )
+
+
+def _plan(model: nn.Module, to_autograd: bool) -> dict[str, _TwinPair]:
+    """Module name → the pair that converts it; raises, naming the module, for anything a
+    conversion could not reproduce exactly."""
+    registry = _BY_MANUAL if to_autograd else _BY_AUTOGRAD
+    plan = {}
     for name, module in model.named_modules():
         where = f"{name or 'the model'} ({type(module).__name__})"
-        target = mapping.get(type(module))
-        if target is None and isinstance(module, convertible):
-            base = next(cls for cls in type(module).__mro__ if cls in mapping)
-            raise ValueError(
-                f"cannot convert {where}: it subclasses {_qualified(base)}, and converting it "
-                f"to the counterpart of {base.__name__} would drop what the subclass changes"
-            )
-        if target is not None:
-            unsupported = _unsupported_options(module)
-            if unsupported is not None:
-                manual_cls = target if target in MANUAL_TO_TORCH else type(module)
+        pair = registry.get(type(module))
+        if pair is None:
+            if _is_builtin(type(module)):
+                continue  # torch.nn's own: builtin autograd in both twins
+            base = next((cls for cls in type(module).__mro__[1:] if cls in registry), None)
+            if base is not None:
                 raise ValueError(
-                    f"cannot convert {where}: manualbp.nn.{manual_cls.__name__} does not "
-                    f"support {unsupported}; the converted model would compute something else"
+                    f"cannot convert {where}: it subclasses {_qualified(base)}, and converting "
+                    f"it as a {base.__name__} would drop what the subclass changes; register "
+                    f"it with manualbp.nn.register_twin"
                 )
+            if to_autograd and (not list(module.children()) or _owns_state(module)):
+                raise ValueError(
+                    f"cannot make the autograd twin of {where}: manualbp does not know "
+                    f"whether it computes by hand, so copying it could compare a "
+                    f"handwritten backward with itself; build it from torch.nn and "
+                    f"manualbp.nn modules, or declare its counterpart with "
+                    f"manualbp.nn.register_twin({type(module).__name__}, <torch module>)"
+                )
+            continue
+        unsupported = _unsupported_options(module)
+        if unsupported is not None:
+            raise ValueError(
+                f"cannot convert {where}: manualbp.nn.{pair.manual.__name__} does not support "
+                f"{unsupported}; the converted model would compute something else"
+            )
+        plan[name] = pair
+    return plan
+
+
+def _convert(model: nn.Module, to_autograd: bool) -> nn.Module:
+    plan = _plan(model, to_autograd)
     twin = copy.deepcopy(model)
-    for module in twin.modules():
-        target = mapping.get(type(module))
-        if target is not None:
-            module.__class__ = target
+    for name, pair in plan.items():
+        if pair.manual is pair.autograd:
+            continue
+        module = twin.get_submodule(name)
+        converter = pair.to_autograd if to_autograd else pair.to_manual
+        if converter is None:
+            module.__class__ = pair.autograd if to_autograd else pair.manual
+        elif name:
+            twin.set_submodule(name, converter(module))
+        else:
+            twin = converter(module)
     return twin
 
 
 def autograd_twin(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every manualbp module replaced by its ``torch.nn`` parent.
+    """A deep copy of ``model`` with every handwritten module replaced by its builtin-autograd
+    counterpart (``manualbp.nn.Linear`` → ``torch.nn.Linear``, and the pairs declared with
+    :func:`register_twin`).
 
     Weights, buffers, ``requires_grad`` flags, device and dtype are identical; the twin's
-    gradients come from PyTorch's builtin autograd. ``model`` itself is not changed.
+    gradients come from PyTorch's builtin autograd. ``model`` itself is not changed. A module
+    the conversion cannot reproduce, or one manualbp does not know (neither ``torch.nn``, nor
+    registered, nor a container of such modules), is refused with its name.
     """
-    return _convert(model, MANUAL_TO_TORCH)
+    return _convert(model, to_autograd=True)
 
 
 def manual_twin(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every supported ``torch.nn`` module made a manualbp one."""
-    return _convert(model, TORCH_TO_MANUAL)
+    """A deep copy of ``model`` with every ``torch.nn`` module that has a handwritten
+    counterpart made that counterpart; other modules are left as they are (their gradients
+    come from autograd in both models). Refuses, by name, what it cannot reproduce."""
+    return _convert(model, to_autograd=False)
+
+
+for _manual_cls, _autograd_cls in (
+    (Linear, nn.Linear),
+    (Sigmoid, nn.Sigmoid),
+    (Tanh, nn.Tanh),
+    (ReLU, nn.ReLU),
+    (CrossEntropyLoss, nn.CrossEntropyLoss),
+    (MSELoss, nn.MSELoss),
+):
+    register_twin(_manual_cls, _autograd_cls)
+
+_ACTIVATIONS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
+    "relu": (ReLU, nn.ReLU),
+    "sigmoid": (Sigmoid, nn.Sigmoid),
+    "tanh": (Tanh, nn.Tanh),
+}
+_BACKENDS = ("manual", "autograd")
 
 
 class MLP(nn.Sequential):
@@ -244,5 +345,4 @@ class MLP(nn.Sequential):
     @property
     def backend(self) -> Backend:
         """``"manual"`` when any layer uses a handwritten backward, else ``"autograd"``."""
-        manual = any(type(m) in MANUAL_TO_TORCH for m in self.modules())
-        return "manual" if manual else "autograd"
+        return "manual" if any(is_handwritten(m) for m in self.modules()) else "autograd"

@@ -283,7 +283,7 @@ BAD_CALLS: list[BadCall] = [
         "manual-twin-of-inplace-relu",
         lambda: manual_twin(nn.Sequential(nn.Linear(2, 2), nn.ReLU(inplace=True))),
         ValueError,
-        r"cannot convert ReLU\(inplace=True\)",
+        r"cannot convert 1 \(ReLU\): manualbp.nn.ReLU does not support inplace=True",
     ),
     BadCall(
         "CrossEntropyLoss-reduction",

@@ -6,7 +6,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+import manualbp.functional as MF
+import manualbp.nn as mnn
 from manualbp.compare import (
     STATISTICS,
     GradientReport,
@@ -14,7 +18,7 @@ from manualbp.compare import (
     compare_gradients,
     gradients_at,
 )
-from manualbp.nn import MLP, CrossEntropyLoss, autograd_twin
+from manualbp.nn import MLP, CrossEntropyLoss, MSELoss, autograd_twin
 
 PARAMS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 
@@ -34,10 +38,17 @@ def manual_model() -> MLP:
     return MLP([5, 7, 3], "tanh", "manual").double()
 
 
-def test_identical_models_agree_exactly(manual_model, batch):
-    twin = copy.deepcopy(manual_model)  # same backend, same weights: the same float ops
-    loss = CrossEntropyLoss()
-    report = compare_gradients(manual_model, twin, loss, loss, *batch)
+def mse_targets(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch with one-hot float64 targets ``(8, 3)`` for the MSE loss."""
+    inputs, targets = batch
+    return inputs, F.one_hot(targets, 3).double()
+
+
+def test_bit_exact_formulas_agree_exactly(manual_model, batch):
+    """Linear, tanh and MSE reproduce torch's CPU kernels bit for bit: every statistic is at
+    its exact value."""
+    twin = autograd_twin(manual_model)
+    report = compare_gradients(manual_model, twin, MSELoss(), nn.MSELoss(), *mse_targets(batch))
 
     assert list(report.statistics) == list(PARAMS)
     assert report.all_exact
@@ -50,7 +61,37 @@ def test_identical_models_agree_exactly(manual_model, batch):
         assert stats["norm_ratio"].item() == 1.0
     assert report.max_rel == 0.0
     assert torch.equal(report.loss_manual, report.loss_autograd)
+    assert report.handwritten == ("LinearFunction", "MSELossFunction", "TanhFunction")
     report.assert_close(rtol=0.0)
+
+
+def test_comparing_a_model_with_itself_is_refused(manual_model, batch):
+    """A handwritten backward checked against itself, or autograd against autograd, would
+    always agree: both are refused, naming what is wrong."""
+    loss = CrossEntropyLoss()
+    with pytest.raises(ValueError, match=r"reference model runs custom autograd Functions"):
+        compare_gradients(manual_model, copy.deepcopy(manual_model), loss, loss, *batch)
+    twin, reference_loss = autograd_twin(manual_model), nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match=r"manual model runs no handwritten Function"):
+        compare_gradients(twin, twin, reference_loss, reference_loss, *batch)
+
+
+def test_a_function_called_in_forward_is_caught_in_the_twin(batch):
+    """A network whose forward calls manualbp.functional.relu keeps calling it in its autograd
+    twin (only modules convert): the check refuses instead of comparing relu with itself."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = mnn.Linear(5, 7), mnn.Linear(7, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(MF.relu(self.fc1(x)))
+
+    model = Net().double()
+    twin = autograd_twin(model)
+    with pytest.raises(ValueError, match=r"\(ReLUFunction\)"):
+        compare_gradients(model, twin, CrossEntropyLoss(), nn.CrossEntropyLoss(), *batch)
 
 
 def test_manual_model_agrees_with_its_autograd_twin(manual_model, batch):
@@ -74,9 +115,10 @@ def test_scaled_gradient_gives_the_expected_statistics(manual_model, batch):
     def scaled_loss(outputs, targets):
         return 1.01 * loss(outputs, targets)
 
-    twin = copy.deepcopy(manual_model)
-    report = compare_gradients(manual_model, twin, scaled_loss, loss, *batch)
-    _, reference = gradients_at(twin, loss, dict(manual_model.named_parameters()), *batch)
+    twin, reference_loss = autograd_twin(manual_model), nn.CrossEntropyLoss()
+    report = compare_gradients(manual_model, twin, scaled_loss, reference_loss, *batch)
+    parameters = dict(manual_model.named_parameters())
+    _, reference = gradients_at(twin, reference_loss, parameters, *batch)
 
     for name, stats in report.statistics.items():
         scale = reference[name].abs().max().item()
@@ -137,8 +179,8 @@ def test_agreement_rejects_different_shapes():
 
 
 def test_as_scalars_keys_and_values(manual_model, batch):
-    loss = CrossEntropyLoss()
-    report = compare_gradients(manual_model, copy.deepcopy(manual_model), loss, loss, *batch)
+    twin = autograd_twin(manual_model)
+    report = compare_gradients(manual_model, twin, MSELoss(), nn.MSELoss(), *mse_targets(batch))
     scalars = report.as_scalars()
     expected = {f"grad_check/{p}/{s}" for p in PARAMS for s in STATISTICS}
     expected |= {"grad_check/max_rel", "grad_check/all_exact", "grad_check/loss_diff"}
@@ -152,8 +194,8 @@ def test_as_scalars_keys_and_values(manual_model, batch):
 
 
 def test_table_format(manual_model, batch):
-    loss = CrossEntropyLoss()
-    report = compare_gradients(manual_model, copy.deepcopy(manual_model), loss, loss, *batch)
+    twin = autograd_twin(manual_model)
+    report = compare_gradients(manual_model, twin, MSELoss(), nn.MSELoss(), *mse_targets(batch))
     lines = report.table().splitlines()
     assert lines[0] == (
         "| parameter | exact | allclose | max_abs | max_rel | max_ulp | cosine | norm ratio |"

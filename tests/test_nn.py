@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import manualbp.functional as MF
 import manualbp.nn as mnn
 from manualbp.nn import MLP, autograd_twin, manual_twin
 from manualbp.tools.parity import assert_parity
@@ -278,3 +279,89 @@ def test_converters_refuse_subclasses_of_the_classes_they_map() -> None:
         manual_twin(nn.Sequential(DoubledLinear(2, 2)))
     with pytest.raises(ValueError, match=r"QuietReLU.*subclasses manualbp.nn.ReLU"):
         autograd_twin(nn.Sequential(mnn.Linear(2, 2), QuietReLU()))
+
+
+class HandwrittenSoftplus(torch.autograd.Function):
+    """A user's own Function: ``y = log(1 + e^x)``, ``dL/dx = g · sigmoid(x)``."""
+
+    @staticmethod
+    def forward(ctx, input):
+        ctx.save_for_backward(input)
+        return F.softplus(input)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (input,) = ctx.saved_tensors
+        return grad_output * torch.sigmoid(input)
+
+
+class ManualSoftplus(nn.Softplus):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return HandwrittenSoftplus.apply(input)
+
+
+class Scale(nn.Module):
+    """A user's leaf module with a parameter: manualbp cannot know how it computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.factor = nn.Parameter(torch.ones(()))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.factor * input
+
+
+@pytest.fixture
+def twin_registry():
+    """Registrations made by a test are undone after it."""
+    saved = dict(mnn._BY_MANUAL), dict(mnn._BY_AUTOGRAD)
+    yield
+    for registry, before in zip((mnn._BY_MANUAL, mnn._BY_AUTOGRAD), saved, strict=True):
+        registry.clear()
+        registry.update(before)
+
+
+def test_register_twin_converts_a_users_manual_module_both_ways(twin_registry) -> None:
+    mnn.register_twin(ManualSoftplus, nn.Softplus)
+    model = nn.Sequential(mnn.Linear(3, 4), ManualSoftplus(), mnn.Linear(4, 2))
+    twin = autograd_twin(model)
+    assert [type(m) for m in twin] == [nn.Linear, nn.Softplus, nn.Linear]
+    assert [type(m) for m in manual_twin(twin)] == [mnn.Linear, ManualSoftplus, mnn.Linear]
+    assert mnn.is_handwritten(model[1]) and not mnn.is_handwritten(twin[1])
+
+
+def test_autograd_twin_refuses_a_module_it_does_not_know_by_name() -> None:
+    model = nn.Sequential(mnn.Linear(3, 3), nn.Sequential(Scale(), nn.Dropout(0.0)))
+    with pytest.raises(ValueError, match=r"autograd twin of 1\.0 \(Scale\).*register_twin"):
+        autograd_twin(model)
+
+
+def test_register_twin_needs_a_converter_unless_the_classes_share_their_state(
+    twin_registry,
+) -> None:
+    with pytest.raises(TypeError, match=r"Scale does not subclass torch.nn.Softplus"):
+        mnn.register_twin(Scale, nn.Softplus)
+    with pytest.raises(TypeError, match=r"manual_cls must be an nn.Module class"):
+        mnn.register_twin(HandwrittenSoftplus, nn.Softplus)
+
+
+def test_a_converter_rebuilds_a_module_of_another_shape(twin_registry) -> None:
+    class ManualAffine(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(2, 3))
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            return MF.linear(input, self.w)
+
+    def to_linear(module: ManualAffine) -> nn.Linear:
+        linear = nn.Linear(3, 2, bias=False)
+        linear.weight = nn.Parameter(module.w.detach().clone())
+        return linear
+
+    mnn.register_twin(ManualAffine, nn.Linear, to_autograd=to_linear)
+    model = nn.Sequential(ManualAffine(), mnn.ReLU())
+    twin = autograd_twin(model)
+    assert isinstance(twin[0], nn.Linear) and type(twin[1]) is nn.ReLU
+    x = torch.randn(4, 3)
+    assert torch.equal(twin(x), model(x))
