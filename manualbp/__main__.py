@@ -6,6 +6,7 @@ command whose extra is not installed says which one to install.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -48,6 +49,8 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the subcommand named by ``argv[0]`` (``argv=None`` reads ``sys.argv``)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if os.getcwd() not in sys.path:  # like `python -m`: class paths may name your own files
+        sys.path.insert(0, os.getcwd())
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         raise SystemExit(0 if args else 2)

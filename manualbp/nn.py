@@ -341,6 +341,8 @@ class MLP(nn.Sequential):
                 layers[f"act{index}"] = _ACTIVATIONS[name][0 if manual else 1]()
         super().__init__(layers)
         self.sizes = list(sizes)
+        self.activation = activation
+        self.output_activation = output_activation
 
     @property
     def backend(self) -> Backend:

@@ -1,6 +1,6 @@
 """Figures and a results table from TensorBoard runs (thin wrapper over manualbp.tools.report).
 
-    python scripts/report.py --runs runs --out docs/results      # latest version_* of each
+    python scripts/report.py --runs runs --out docs/results      # the latest fit of each
     python scripts/report.py --out docs/results runs/simard_800_ce/version_0 runs/...
 
 Writes ``<out>/*.png`` and ``<out>/results.md``; ``manualbp/tools/report.py`` says what each
@@ -44,8 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not run_dirs:
         print(f"report: no runs with event files found under {args.runs}", file=sys.stderr)
         return 1
+    for run_dir in run_dirs:
+        print(f"reading {run_dir}")
     for path in write_report(run_dirs, args.out):
-        print(path)
+        print(f"wrote {path}")
     return 0
 
 

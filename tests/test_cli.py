@@ -14,6 +14,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from manualbp.nn import MLP
 from manualbp.tools.runs import Series, read_scalars
 from manualbp.train.cli import cli_main
 from manualbp.train.module import HP_METRICS
@@ -106,7 +107,7 @@ def test_fit_logs_the_stable_tags_at_their_steps(fit_run):
         for param in params:
             assert scalars[f"grad_norm/{model}/{param}"].steps.tolist() == [0, 3, 6, 9]
     for param in params:
-        for statistic in ("exact", "max_abs", "max_rel", "cosine", "norm_ratio"):
+        for statistic in ("exact", "max_abs", "max_rel", "max_ulp", "cosine", "norm_ratio"):
             assert scalars[f"grad_check/{param}/{statistic}"].steps.tolist() == [0, 4, 8]
         assert scalars[f"divergence/{param}"].steps.tolist() == [0, 4, 8]
     for value in scalars["grad_check/max_rel"].values:
@@ -115,10 +116,13 @@ def test_fit_logs_the_stable_tags_at_their_steps(fit_run):
         "grad_check/worst_max_rel",
         "grad_check/all_exact",
         "divergence/max",
-        "lr-SGD/pg1",
-        "lr-SGD/pg2",
+        "lr/manual",
+        "lr/autograd",
     ):
         assert tag in scalars
+    assert (
+        scalars["lr/manual"].pairs() == scalars["lr/autograd"].pairs() == [(0, pytest.approx(0.01))]
+    )
 
     histograms = set(fit_run.events.Tags()["histograms"])
     for model in ("manual", "autograd"):
@@ -137,7 +141,10 @@ def test_fit_writes_the_hparams_tab_and_final_hp_metrics(fit_run):
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hparams = start.session_start_info.hparams
     assert hparams["lr"].number_value == pytest.approx(0.01)
+    assert hparams["optimizer"].string_value == "SGD"
+    assert hparams["net"].string_value == "MLP"
     assert hparams["compare"].string_value == "lockstep"
+    assert not any(name.startswith("_") for name in hparams)
     assert hparams["data.batch_size"].number_value == 64
     # Every hp/* metric of a fit + test run gets a real value after its placeholder.
     scalars = fit_run.scalars
@@ -177,7 +184,7 @@ def test_test_and_validate_run_on_the_checkpoint(fit_run, mnist_root, tmp_path, 
 @pytest.mark.parametrize(
     ("options", "config", "message"),
     [
-        (["--model.lr=abc"], None, 'Parser key "model.lr"'),
+        (["--optimizer.init_args.lr=abc"], None, 'Parser key "lr"'),
         (["--model.compare=sideways"], None, 'Parser key "model.compare"'),
         (["--model.bogus=1"], None, "unrecognized arguments: --model.bogus"),
         ([], "model:\n  bogus_key: 3\n", "model.bogus_key"),
@@ -205,7 +212,8 @@ def test_every_experiment_config_builds(tmp_path, monkeypatch, config):
     """Each experiments/*.yaml parses and instantiates its model, data and trainer."""
     monkeypatch.chdir(tmp_path)
     cli = cli_main([f"--config={config}"], run=False)
-    assert isinstance(cli.model.hparams.sizes, list)
+    assert isinstance(cli.model.manual_model, MLP)
+    assert cli.model.autograd_model is not None or cli.model.hparams.compare == "off"
     assert cli.trainer.max_epochs >= 1
     assert cli.trainer.checkpoint_callback.monitor.startswith("val/acc/")
 
@@ -232,8 +240,8 @@ def test_autograd_baseline_checkpoints_on_its_own_accuracy(mnist_root, tmp_path)
 
 @pytest.mark.parametrize("switch", ["enable_checkpointing", "logger"])
 def test_checkpoints_or_logger_can_be_turned_off(mnist_root, tmp_path, monkeypatch, switch):
-    """``--trainer.enable_checkpointing=false`` drops the checkpoint section's callback and
-    ``--trainer.logger=false`` the learning-rate monitor, instead of failing on them."""
+    """``--trainer.enable_checkpointing=false`` drops the checkpoint section's callback, and
+    ``--trainer.logger=false`` runs without a logger, instead of failing on them."""
     monkeypatch.chdir(tmp_path)  # without a logger, checkpoints go to ./checkpoints
     cli = cli_main(
         [
@@ -249,9 +257,8 @@ def test_checkpoints_or_logger_can_be_turned_off(mnist_root, tmp_path, monkeypat
     callbacks = {type(callback).__name__ for callback in cli.trainer.callbacks}
     if switch == "logger":
         assert cli.trainer.loggers == []
-        assert "LearningRateMonitor" not in callbacks
+        assert "LastStateCheckpoint" in callbacks
         assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     else:
         assert cli.trainer.checkpoint_callback is None
-        assert "LearningRateMonitor" in callbacks
         assert not (tmp_path / "switched_off" / "version_0" / "checkpoints").exists()

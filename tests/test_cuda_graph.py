@@ -8,6 +8,8 @@ batch that falls back to the eager step. Without a GPU only the argument checks 
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import pytest
 import torch
@@ -70,7 +72,7 @@ def test_warmup_steps_must_be_positive() -> None:
 
 def test_twin_module_refuses_cuda_graph_on_the_cpu(quiet_trainer) -> None:
     loader = DataLoader(TensorDataset(torch.randn(8, 12), torch.zeros(8, dtype=torch.long)))
-    module = TwinModule(sizes=[12, 16, 5], compare="off", cuda_graph=True)
+    module = TwinModule(net=MLP([12, 16, 5]), compare="off", cuda_graph=True)
     trainer = quiet_trainer()
     with pytest.raises(ValueError, match=r"cuda_graph=True needs a CUDA device.*runs on cpu"):
         trainer.fit(module, loader)
@@ -162,13 +164,11 @@ def test_twin_module_cuda_graph_trains_like_the_eager_module(quiet_trainer, back
     for cuda_graph in (False, True):
         L.seed_everything(0)
         module = TwinModule(
-            sizes=[12, 16, 5],
+            net=MLP([12, 16, 5]),
             compare="off",
             backend=backend,
             cuda_graph=cuda_graph,
-            lr_scheduler="step",
-            lr_step_size=1,
-            lr_gamma=0.5,
+            lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
             check_every_n_steps=2,
         )
         trainer = quiet_trainer(accelerator="gpu", max_epochs=2, num_sanity_val_steps=0)
@@ -197,7 +197,7 @@ def test_twin_module_cuda_graph_mixed_precision(quiet_trainer) -> None:
     dataset = TensorDataset(torch.randn(48, 12), torch.arange(48) % 5)
     loader = DataLoader(dataset, batch_size=16)
     for precision in ("bf16-mixed", "16-mixed"):
-        module = TwinModule(sizes=[12, 16, 5], compare="off", cuda_graph=True)
+        module = TwinModule(net=MLP([12, 16, 5]), compare="off", cuda_graph=True)
         trainer = quiet_trainer(accelerator="gpu", precision=precision)
         if precision == "16-mixed":
             with pytest.raises(ValueError, match="does not support precision='16-mixed'"):

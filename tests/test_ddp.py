@@ -21,6 +21,7 @@ import torch
 
 from manualbp.data import MNISTDataModule
 from manualbp.data.device_loader import DeviceTensorLoader
+from manualbp.nn import MLP
 from manualbp.tools.runs import read_scalars
 from manualbp.train.module import TwinModule
 
@@ -104,7 +105,7 @@ def test_ddp_two_cpu_processes(mnist_root, tmp_path, compare):
         assert not any(tag.startswith("divergence/") for tag in scalars)
         # The twin's loss in check mode is rank 0's, on rank 0's own shard of the data.
         L.seed_everything(0)
-        module = TwinModule(sizes=[784, 200, 10], compare="check")
+        module = TwinModule(net=MLP([784, 200, 10]), compare="check")
         inputs, targets = rank0_first_batch(mnist_root)
         expected = module.gradient_report(inputs, targets).loss_autograd.item()
         assert scalars["train/loss/autograd"].pairs()[0] == (0, pytest.approx(expected, rel=1e-6))

@@ -9,20 +9,23 @@ gives ``max_rel`` of 1e-7..5e-7 (1.5e-6 at worst over 300 steps) and cosines of 
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 import manualbp.functional
 from manualbp.data import MNISTDataModule
+from manualbp.nn import MLP, MSELoss
 from manualbp.tools.runs import read_scalars
 from manualbp.train.callbacks import GradientMonitor
+from manualbp.train.checkpoint import LastStateCheckpoint
 from manualbp.train.cli import cli_main
 from manualbp.train.module import HP_METRICS, TwinModule
+from manualbp.train.twin_optimizers import TwinOptimizers
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 # Float32 round-off bounds for a correct model (measured values are in the module docstring).
@@ -45,7 +48,7 @@ def test_check_mode_gradients_agree_to_float32_roundoff(
 ):
     L.seed_everything(0)
     module = TwinModule(
-        sizes=[784, 64, 32, 10], activation=activation, compare="check", check_every_n_steps=4
+        net=MLP([784, 64, 32, 10], activation), compare="check", check_every_n_steps=4
     )
     initial_twin = copy.deepcopy(module.autograd_model.state_dict())
     trainer = quiet_trainer(
@@ -91,7 +94,7 @@ def test_check_mode_flags_a_broken_backward(mnist_root, tmp_path, quiet_trainer,
     )
     L.seed_everything(0)
     module = TwinModule(
-        sizes=[784, 64, 32, 10], activation="sigmoid", compare="check", check_every_n_steps=4
+        net=MLP([784, 64, 32, 10], "sigmoid"), compare="check", check_every_n_steps=4
     )
     trainer = quiet_trainer(
         log_dir=tmp_path, limit_train_batches=8, limit_val_batches=1, log_every_n_steps=4
@@ -124,7 +127,7 @@ def test_lockstep_twins_stay_together_on_mnist(mnist_root, tmp_path, quiet_train
     """30 steps of 784-200-10 ReLU / SGD momentum: every parameter of the two twins within
     LOCKSTEP_DIVERGENCE_TOLERANCE (1e-7) of each other; both losses and accuracies logged."""
     L.seed_everything(0)
-    module = TwinModule(sizes=[784, 200, 10], compare="lockstep", check_every_n_steps=10)
+    module = TwinModule(net=MLP([784, 200, 10]), compare="lockstep", check_every_n_steps=10)
     initial = copy.deepcopy(module.manual_model.state_dict())
     for key, value in module.autograd_model.state_dict().items():
         assert torch.equal(value, initial[key])  # identical initial weights
@@ -169,7 +172,9 @@ def test_off_mode_logs_fresh_training_metrics(mnist_root, tmp_path, quiet_traine
 
     recorder = LossRecorder()
     L.seed_everything(0)
-    module = TwinModule(sizes=[784, 32, 10], compare="off", check_every_n_steps=5, backend=backend)
+    module = TwinModule(
+        net=MLP([784, 32, 10]), compare="off", check_every_n_steps=5, backend=backend
+    )
     initial = copy.deepcopy(module.manual_model.state_dict())
     trainer = quiet_trainer(
         log_dir=tmp_path,
@@ -243,10 +248,13 @@ def test_resume_from_last_checkpoint_is_exact(mnist_root, tmp_path):
     assert full["state_dict"].keys() == resumed["state_dict"].keys()
     for key, value in full["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
-    full_state = full["optimizer_states"][0]["state"]
-    resumed_state = resumed["optimizer_states"][0]["state"]
-    for index, buffers in full_state.items():
-        assert torch.equal(buffers["momentum_buffer"], resumed_state[index]["momentum_buffer"])
+    for twin in ("manual", "autograd"):  # each twin's own optimizer state
+        full_state = full["optimizer_states"][0][twin]["state"]
+        resumed_state = resumed["optimizer_states"][0][twin]["state"]
+        assert len(full_state) == 4
+        for index, buffers in full_state.items():
+            momentum = resumed_state[index]["momentum_buffer"]
+            assert torch.equal(buffers["momentum_buffer"], momentum)
 
     straight = read_scalars(tmp_path / "resume" / "full", finite_only=False)
     second_half = read_scalars(tmp_path / "resume" / "b", finite_only=False)
@@ -265,29 +273,18 @@ def test_resume_from_last_checkpoint_is_exact(mnist_root, tmp_path):
         assert second_half[tag].pairs() == expected, tag
 
 
-def test_checkpoint_holds_hyperparameters_and_both_models(mnist_root, tmp_path, quiet_trainer):
-    hparams = {
-        "sizes": [784, 16, 10],
-        "activation": "tanh",
-        "output_activation": None,
-        "loss": "mse",
-        "optimizer": "adam",
-        "lr": 0.003,
-        "momentum": 0.9,
-        "nesterov": False,
-        "weight_decay": 1e-4,
-        "lr_scheduler": "step",
-        "lr_step_size": 1,
-        "lr_gamma": 0.5,
-        "compare": "lockstep",
-        "check_every_n_steps": 2,
-        "backend": "manual",
-        "cuda_graph": False,
-    }
+def test_checkpoint_holds_both_models_and_each_twins_optimizer(mnist_root, tmp_path, quiet_trainer):
+    def network() -> MLP:
+        return MLP([784, 16, 10], "tanh")
+
+    adam = functools.partial(torch.optim.Adam, lr=0.003, weight_decay=1e-4)
+    step_lr = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
     L.seed_everything(0)
-    module = TwinModule(**hparams)
+    module = TwinModule(
+        net=network(), loss=MSELoss(), optimizer=adam, lr_scheduler=step_lr, check_every_n_steps=2
+    )
     initial = copy.deepcopy(module.state_dict())
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    checkpoint = LastStateCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = quiet_trainer(
         log_dir=tmp_path,
         limit_train_batches=5,
@@ -299,11 +296,21 @@ def test_checkpoint_holds_hyperparameters_and_both_models(mnist_root, tmp_path, 
 
     path = tmp_path / "ckpt" / "last.ckpt"
     saved = torch.load(path, weights_only=False)
-    assert dict(saved["hyper_parameters"]) == hparams
-    assert saved["lr_schedulers"][0]["gamma"] == 0.5
+    assert dict(saved["hyper_parameters"]) == {
+        "compare": "lockstep",
+        "check_every_n_steps": 2,
+        "backend": "manual",
+        "cuda_graph": False,
+    }
+    (optimizers,) = saved["optimizer_states"]
+    assert set(optimizers) == {"manual", "autograd"}  # one optimizer per twin
+    for name in ("manual", "autograd"):
+        assert optimizers[name]["param_groups"][0]["weight_decay"] == 1e-4
+        assert optimizers[name]["param_groups"][0]["name"] == name
+        assert saved["lr_schedulers"][0][name]["gamma"] == 0.5
 
-    loaded = TwinModule.load_from_checkpoint(path)
-    assert dict(loaded.hparams) == hparams
+    # Built in Python, the network is passed again (a LightningCLI checkpoint rebuilds it).
+    loaded = TwinModule.load_from_checkpoint(path, net=network(), loss=MSELoss())
     assert loaded.manual_model.backend == "manual"
     assert loaded.autograd_model.backend == "autograd"
     for key, value in module.state_dict().items():
@@ -319,7 +326,7 @@ def test_non_finite_loss_stops_training_with_a_clear_error(quiet_trainer, compar
     inputs = torch.tensor([[0.0, 1.0], [float("nan"), 0.0]])  # (2, 2)
     targets = torch.tensor([[1.0], [0.0]])  # (2, 1)
     loader = DataLoader(TensorDataset(inputs, targets), batch_size=2)
-    module = TwinModule(sizes=[2, 4, 1], activation="sigmoid", loss="mse", compare=compare)
+    module = TwinModule(net=MLP([2, 4, 1], "sigmoid"), loss=MSELoss(), compare=compare)
     trainer = quiet_trainer(limit_val_batches=0)
     with pytest.raises(FloatingPointError, match=r"training loss of the manual.* at step 0"):
         trainer.fit(module, loader)
@@ -329,15 +336,13 @@ def test_non_finite_loss_stops_training_with_a_clear_error(quiet_trainer, compar
     ("arguments", "message"),
     [
         ({"compare": "sideways"}, "compare must be one of"),
-        ({"loss": "hinge"}, "loss must be one of"),
-        ({"optimizer": "rmsprop"}, "optimizer must be one of"),
-        ({"lr_scheduler": "linear"}, "lr_scheduler must be one of"),
-        ({"lr": 0.0}, "lr must be > 0"),
         ({"check_every_n_steps": 0}, "check_every_n_steps must be >= 1"),
+        ({"check_every_n_steps": 2.5}, "check_every_n_steps must be an int"),
         ({"backend": "jax"}, "backend must be one of"),
         ({"backend": "autograd", "compare": "check"}, "backend='autograd' needs compare='off'"),
         ({"cuda_graph": True}, "cuda_graph=True needs compare='off'"),
         ({"cuda_graph": "yes", "compare": "off"}, "cuda_graph must be a bool"),
+        ({"net": torch.nn.Linear(4, 2)}, r"net \(Linear\) holds no handwritten module"),
     ],
 )
 def test_bad_arguments_are_rejected(arguments, message):
@@ -345,25 +350,38 @@ def test_bad_arguments_are_rejected(arguments, message):
         TwinModule(**arguments)
 
 
-def test_optimizer_groups_follow_the_mode():
-    lockstep = TwinModule(sizes=[4, 3, 2], optimizer="sgd", momentum=0.5, nesterov=True)
-    optimizer = lockstep.configure_optimizers()
-    assert isinstance(optimizer, torch.optim.SGD)
-    manual, autograd = optimizer.param_groups
-    assert manual["params"] == list(lockstep.manual_model.parameters())
-    assert autograd["params"] == list(lockstep.autograd_model.parameters())
-    assert manual["momentum"] == 0.5 and manual["nesterov"]
+def test_net_and_loss_must_be_modules():
+    with pytest.raises(TypeError, match=r"net must be an nn.Module"):
+        TwinModule(net=[784, 10])
 
-    check = TwinModule(sizes=[4, 3, 2], compare="check", optimizer="adam", lr_scheduler="step")
+
+def test_each_trained_twin_gets_its_own_optimizer_and_scheduler():
+    sgd = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.5, nesterov=True)
+    lockstep = TwinModule(net=MLP([4, 3, 2]), optimizer=sgd)
+    optimizer = lockstep.configure_optimizers()
+    assert isinstance(optimizer, TwinOptimizers)
+    manual, autograd = optimizer.optimizers["manual"], optimizer.optimizers["autograd"]
+    assert manual is not autograd and isinstance(manual, torch.optim.SGD)
+    assert manual.param_groups[0]["params"] == list(lockstep.manual_model.parameters())
+    assert autograd.param_groups[0]["params"] == list(lockstep.autograd_model.parameters())
+    assert manual.param_groups[0]["momentum"] == 0.5 and manual.param_groups[0]["nesterov"]
+
+    adam = functools.partial(torch.optim.Adam, lr=1e-3)
+    step = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=3)
+    check = TwinModule(net=MLP([4, 3, 2]), compare="check", optimizer=adam, lr_scheduler=step)
     config = check.configure_optimizers()
     assert isinstance(config["optimizer"], torch.optim.Adam)
     assert len(config["optimizer"].param_groups) == 1
     assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
 
+    default = TwinModule(net=MLP([4, 3, 2]), compare="off").configure_optimizers()
+    assert isinstance(default, torch.optim.SGD)
+    assert (default.defaults["lr"], default.defaults["momentum"]) == (0.01, 0.9)
+
 
 @pytest.mark.parametrize("backend", ["manual", "autograd"])
 def test_predict_step_returns_the_trained_models_outputs(backend):
-    module = TwinModule(sizes=[4, 3, 2], compare="off", backend=backend)
+    module = TwinModule(net=MLP([4, 3, 2]), compare="off", backend=backend)
     inputs, targets = torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 1])
     trained = module.autograd_model if backend == "autograd" else module.manual_model
     expected = trained(inputs)
@@ -387,4 +405,4 @@ def test_predict_step_returns_the_trained_models_outputs(backend):
     ],
 )
 def test_hparams_tab_registers_the_metrics_the_mode_produces(arguments, expected):
-    assert TwinModule(sizes=[4, 3, 2], **arguments).hp_metrics() == expected
+    assert TwinModule(net=MLP([4, 3, 2]), **arguments).hp_metrics() == expected

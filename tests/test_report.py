@@ -45,6 +45,7 @@ def _fit(root: Path, data_dir: Path, name: str, *extra: str) -> Path:
             "--gradient_monitor.norm_every_n_steps=1",
             "--gradient_monitor.histogram_every_n_steps=0",
             "--model.check_every_n_steps=1",
+            "--model.net=manualbp.nn.MLP",
             *extra,
         ]
     )
@@ -56,14 +57,22 @@ def _fit(root: Path, data_dir: Path, name: str, *extra: str) -> Path:
 def runs(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Path:
     """A ``runs/`` root with a lockstep net and a deep sigmoid/ReLU pair."""
     root = tmp_path_factory.mktemp("runs")
-    _fit(root, mnist_root, "tiny_lockstep", "--model.sizes=[784, 24, 10]", "--model.lr=0.05")
+    _fit(
+        root,
+        mnist_root,
+        "tiny_lockstep",
+        "--model.net.sizes=[784, 24, 10]",
+        "--optimizer=torch.optim.SGD",
+        "--optimizer.lr=0.05",
+        "--optimizer.momentum=0.9",
+    )
     for activation in ("sigmoid", "relu"):
         _fit(
             root,
             mnist_root,
             f"tiny_{activation}",
-            f"--model.sizes={DEEP_SIZES}",
-            f"--model.activation={activation}",
+            f"--model.net.sizes={DEEP_SIZES}",
+            f"--model.net.activation={activation}",
             "--model.compare=check",
         )
     return root

@@ -97,7 +97,6 @@ def _load_split(raw_dir: Path, split: Literal["train", "test"]) -> tuple[Tensor,
     return inputs, labels.to(torch.int64)
 
 
-
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -175,7 +174,7 @@ class MNISTDataModule(L.LightningDataModule):
                 "(batches are sliced on the device, there are no loader workers)",
                 stacklevel=2,
             )
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # TwinModule logs them, prefixed
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size

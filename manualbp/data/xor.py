@@ -23,7 +23,7 @@ class XORDataModule(L.LightningDataModule):
             raise ValueError(
                 f"XORDataModule: steps_per_epoch must be a positive int, got {steps_per_epoch!r}"
             )
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # TwinModule logs them, prefixed
         self.inputs = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])  # (4, 2)
         self.targets = torch.tensor([[0.0], [1.0], [1.0], [0.0]])  # (4, 1)
 

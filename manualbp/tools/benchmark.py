@@ -359,7 +359,7 @@ def conventional_epoch_seconds(
     )
     L.seed_everything(seed, verbose=False)
     timer = _epoch_timer(device)
-    model = TwinModule(sizes=[784, 200, 10], compare="off", backend="manual")
+    model = TwinModule(net=MLP([784, 200, 10]), compare="off", backend="manual")
     _bare_trainer(device, [timer]).fit(model, train_dataloaders=loader)
     return timer.seconds
 
@@ -382,7 +382,9 @@ def lightning_epoch_seconds(
 
     L.seed_everything(seed, verbose=False)
     timer = _epoch_timer(device)
-    model = TwinModule(sizes=[784, 200, 10], compare="off", backend=backend, cuda_graph=cuda_graph)
+    model = TwinModule(
+        net=MLP([784, 200, 10]), compare="off", backend=backend, cuda_graph=cuda_graph
+    )
     data = MNISTDataModule(data_dir=data_dir, batch_size=batch_size, device_resident=True)
     _bare_trainer(device, [timer]).fit(model, datamodule=data)
     return timer.seconds

@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-__all__ = ["Run", "Series", "discover_runs", "load_run", "param_order", "read_scalars"]
+__all__ = [
+    "Run",
+    "Series",
+    "discover_runs",
+    "is_fit_run",
+    "load_run",
+    "param_order",
+    "read_scalars",
+]
 
 
 @dataclass(frozen=True)
@@ -113,12 +121,31 @@ def _has_events(path: Path) -> bool:
     return any(path.glob("events.out.tfevents.*"))
 
 
+def is_fit_run(path: Path | str) -> bool:
+    """Whether the run at ``path`` trained (logged a ``train/loss/*`` scalar): a fit, not the
+    run ``manualbp test`` or ``validate`` writes beside it."""
+    from tensorboard.backend.event_processing.event_accumulator import (
+        HISTOGRAMS,
+        IMAGES,
+        SCALARS,
+        TENSORS,
+        EventAccumulator,
+    )
+
+    accumulator = EventAccumulator(
+        str(path), size_guidance={SCALARS: 1, HISTOGRAMS: 1, IMAGES: 1, TENSORS: 1}
+    )
+    accumulator.Reload()
+    return any(tag.startswith("train/loss/") for tag in accumulator.Tags()["scalars"])
+
+
 def discover_runs(runs_root: Path | str) -> list[Path]:
-    """The latest ``version_N`` (with event files) of every experiment under ``runs_root``.
+    """The latest fit of every experiment under ``runs_root``.
 
     ``runs_root`` holds one directory per experiment (``runs/mnist_mlp/version_0``, ...);
-    returns their latest versions sorted by experiment name. Experiments without any event
-    file are left out.
+    returns, sorted by experiment name, the highest ``version_N`` of each that is a fit
+    (:func:`is_fit_run`); the versions ``manualbp test`` and ``validate`` create are passed
+    over. Experiments without a fit are left out.
     """
     root = Path(runs_root)
     found = []
@@ -128,8 +155,10 @@ def discover_runs(runs_root: Path | str) -> list[Path]:
             for p in experiment.iterdir()
             if p.is_dir() and _version_number(p) >= 0 and _has_events(p)
         ]
-        if versions:
-            found.append(max(versions, key=_version_number))
+        for version in sorted(versions, key=_version_number, reverse=True):
+            if is_fit_run(version):
+                found.append(version)
+                break
     return found
 
 
