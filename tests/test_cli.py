@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -262,3 +263,39 @@ def test_checkpoints_or_logger_can_be_turned_off(mnist_root, tmp_path, monkeypat
     else:
         assert cli.trainer.checkpoint_callback is None
         assert not (tmp_path / "switched_off" / "version_0" / "checkpoints").exists()
+
+
+def test_the_optimizer_and_scheduler_sections_build_one_instance_per_twin(tmp_path, monkeypatch):
+    """Lightning's top-level optimizer: and lr_scheduler: sections (here from the config file
+    and the command line) give each twin its own optimizer and scheduler with those settings."""
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(
+        [
+            f"--config={EXPERIMENTS / 'xor.yaml'}",
+            "--optimizer.init_args.weight_decay=0.25",
+            "--lr_scheduler=torch.optim.lr_scheduler.StepLR",
+            "--lr_scheduler.step_size=7",
+        ],
+        run=False,
+    )
+    config = cli.model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert set(optimizer.optimizers) == {"manual", "autograd"}
+    for name, inner in optimizer.optimizers.items():
+        assert isinstance(inner, torch.optim.SGD)
+        group = inner.param_groups[0]
+        assert (group["lr"], group["momentum"], group["weight_decay"]) == (2.0, 0.9, 0.25), name
+        assert scheduler.schedulers[name].optimizer is inner
+        assert scheduler.schedulers[name].step_size == 7
+
+
+def test_an_optimizer_given_twice_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"optimizer is given twice"):
+        cli_main(
+            [
+                f"--config={EXPERIMENTS / 'xor.yaml'}",
+                "--model.optimizer=torch.optim.Adam",
+            ],
+            run=False,
+        )

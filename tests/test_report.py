@@ -14,10 +14,14 @@ import runpy
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.loggers import TensorBoardLogger
 
+from manualbp.data import MNISTDataModule
+from manualbp.nn import MLP
 from manualbp.tools.report import Published, write_report
 from manualbp.tools.runs import discover_runs, read_scalars
 from manualbp.train.cli import cli_main
+from manualbp.train.module import TwinModule
 
 REPO = Path(__file__).resolve().parents[1]
 DEEP_SIZES = "[784, 16, 16, 16, 16, 10]"
@@ -96,6 +100,20 @@ def test_discover_takes_latest_version_with_events(runs: Path, tmp_path: Path) -
     empty = tmp_path / "exp" / "version_9"
     empty.mkdir(parents=True)
     assert discover_runs(tmp_path) == []
+
+
+def test_discover_reads_the_fit_not_the_test_run_beside_it(
+    runs: Path, mnist_root: Path, quiet_trainer
+) -> None:
+    """``manualbp test`` writes a newer version_N holding test scalars only, beside the fit;
+    the report reads the fit."""
+    logger = TensorBoardLogger(runs, name="tiny_lockstep", default_hp_metric=False)
+    data = MNISTDataModule(data_dir=str(mnist_root), eval_batch_size=500)
+    trainer = quiet_trainer(logger=logger, limit_test_batches=1)
+    trainer.test(TwinModule(net=MLP([784, 24, 10])), datamodule=data)
+    versions = sorted(p.name for p in (runs / "tiny_lockstep").iterdir())
+    assert versions == ["version_0", "version_1"]
+    assert runs / "tiny_lockstep" / "version_0" in discover_runs(runs)
 
 
 def test_report_writes_every_figure_and_the_event_files_numbers(runs: Path, tmp_path: Path):
