@@ -27,6 +27,7 @@ synchronisation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ __all__ = [
     "agreement",
     "compare_gradients",
     "custom_functions",
+    "forked_rng",
     "gradients_at",
     "ulp",
 ]
@@ -69,9 +71,22 @@ def gradients_at(
     Returns:
         ``(loss, grads)`` with ``grads[name]`` shaped like ``parameters[name]`` (zeros for a
         parameter the loss does not use).
+
+    The evaluation leaves no trace: it runs on copies of the model's buffers (batch norm's
+    running statistics are not updated) and its random draws (dropout masks) start from the
+    current state of the random generator, which is then restored.
     """
     loss, grads, _ = _loss_gradients_and_functions(model, loss_fn, parameters, inputs, targets)
     return loss, grads
+
+
+def forked_rng(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """A region that draws random numbers from the current state of the CPU generator and of
+    ``device``'s, and restores both on exit (``torch.random.fork_rng``): two forwards run in
+    such regions draw the same dropout masks, and leave the stream where it was."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[], enabled=enabled)
+    return torch.random.fork_rng(devices=[device], enabled=enabled, device_type=device.type)
 
 
 def _loss_gradients_and_functions(
@@ -80,11 +95,15 @@ def _loss_gradients_and_functions(
     parameters: Mapping[str, torch.Tensor],
     inputs: torch.Tensor,
     targets: torch.Tensor,
+    buffers: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[str, ...]]:
-    """:func:`gradients_at`, and the custom Functions the loss ran through."""
+    """:func:`gradients_at`, and the custom Functions the loss ran through; ``buffers`` (by
+    default the model's own) are copied in, so a forward in training mode changes none."""
     leaves = {name: p.detach().requires_grad_(True) for name, p in parameters.items()}
-    with torch.enable_grad():
-        loss = loss_fn(functional_call(model, leaves, (inputs,)), targets)
+    buffers = dict(model.named_buffers()) if buffers is None else buffers
+    state = {**{name: b.detach().clone() for name, b in buffers.items()}, **leaves}
+    with torch.enable_grad(), forked_rng(inputs.device):
+        loss = loss_fn(functional_call(model, state, (inputs,)), targets)
         functions = custom_functions(loss)
         grads = torch.autograd.grad(
             loss, list(leaves.values()), allow_unused=True, materialize_grads=True
@@ -253,7 +272,9 @@ def compare_gradients(
 
     ``reference_model`` only contributes its structure (``torch.nn`` layers, builtin
     autograd); its own weights are ignored, so it may lag behind or be frozen. Neither model
-    is modified.
+    is modified: both run on copies of the manual model's buffers (when the reference's have
+    the same names) and draw the same random numbers (dropout masks), from the generator's
+    current state, which is restored.
 
     Args:
         manual_model: the model with handwritten backward passes.
@@ -271,11 +292,15 @@ def compare_gradients(
             "compare_gradients: the models' parameter names differ; missing from the reference "
             f"model: {missing}, only in the reference model: {extra}"
         )
+    # Both at the manual model's buffers too (running statistics), when the names agree.
+    buffers = dict(manual_model.named_buffers())
+    same_names = {name for name, _ in reference_model.named_buffers()} == set(buffers)
+    reference_buffers = buffers if same_names else None
     loss_m, grads_m, handwritten = _loss_gradients_and_functions(
-        manual_model, manual_loss, parameters, inputs, targets
+        manual_model, manual_loss, parameters, inputs, targets, buffers
     )
     loss_a, grads_a, in_reference = _loss_gradients_and_functions(
-        reference_model, reference_loss, parameters, inputs, targets
+        reference_model, reference_loss, parameters, inputs, targets, reference_buffers
     )
     if not handwritten:
         raise ValueError(

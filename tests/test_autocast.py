@@ -40,6 +40,24 @@ def _randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) 
     return values.to(dtype).requires_grad_()
 
 
+def _weight(num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """Class weights in [0.5, 1.5), no gradient (torch's class-index loss takes none)."""
+    generator = torch.Generator().manual_seed(num_classes)
+    return (torch.rand(num_classes, generator=generator) + 0.5).to(dtype)
+
+
+def _classes(n: int, num_classes: int, *dims: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(n + num_classes)
+    return torch.randint(0, num_classes, (n, *dims), generator=generator)
+
+
+def _soft_target(n: int, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """Class probabilities (rows summing to 1), a differentiable leaf."""
+    generator = torch.Generator().manual_seed(n * num_classes)
+    probabilities = torch.randn(n, num_classes, generator=generator).softmax(1)
+    return probabilities.to(dtype).requires_grad_()
+
+
 def _target(n: int, num_classes: int) -> torch.Tensor:
     target = torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(n))
     target[1] = -100
@@ -97,6 +115,74 @@ AUTOCAST_CASES = [
             id=f"cross_entropy-{reduction}",
         )
         for reduction in ("mean", "sum", "none")
+    ),
+    *(
+        pytest.param(
+            MF.cross_entropy,
+            F.cross_entropy,
+            make_args,
+            {"reduction": reduction, **options},
+            torch.float32,
+            False,
+            id=f"cross_entropy-{name}-{reduction}",
+        )
+        for reduction in ("mean", "sum", "none")
+        for name, make_args, options in [
+            (
+                "weight-smoothing",
+                lambda dt: (_randn(8, 6, dtype=dt, scale=2), _target(8, 6), _weight(6, dt)),
+                {"label_smoothing": 0.2},
+            ),
+            (
+                "4d",
+                lambda dt: (_randn(2, 6, 3, 4, dtype=dt, scale=2), _classes(2, 6, 3, 4)),
+                {},
+            ),
+            (
+                "probabilities",
+                lambda dt: (
+                    _randn(8, 6, dtype=dt, scale=2),
+                    _soft_target(8, 6, dt),
+                    _weight(6, dt),
+                ),
+                {"label_smoothing": 0.1},
+            ),
+        ]
+    ),
+    pytest.param(
+        lambda x: MF.relu(x * 1, inplace=True),
+        lambda x: F.relu(x * 1, inplace=True),
+        lambda dt: (_randn(8, 6, dtype=dt),),
+        {},
+        None,
+        True,
+        id="relu-inplace",
+    ),
+    *(
+        pytest.param(
+            MF.mse_loss,
+            F.mse_loss,
+            make_args,
+            {"reduction": reduction, **options},
+            out_dtype,
+            True,
+            id=f"mse-{name}-{reduction}",
+        )
+        for reduction in ("mean", "sum", "none")
+        for name, make_args, options, out_dtype in [
+            (
+                "broadcast",
+                lambda dt: (_randn(8, 6, dtype=dt), _randn(6, dtype=dt)),
+                {},
+                torch.float32,
+            ),
+            (
+                "weighted",
+                lambda dt: (_randn(8, 6, dtype=dt), _randn(8, 6, dtype=dt)),
+                {"weight": _randn(8, 6, scale=0.5).detach().abs()},
+                torch.float32,  # promoted by the float32 weight, autocast or not
+            ),
+        ]
     ),
     *(
         pytest.param(
@@ -198,11 +284,34 @@ def _half_cases(dtype: torch.dtype) -> list[tuple[str, Callable, Callable, tuple
         ("tanh", MF.tanh, torch.tanh, (r(64, scale=3),), {}, True),
         ("relu", MF.relu, F.relu, (r(64),), {}, True),
         ("cross_entropy", MF.cross_entropy, F.cross_entropy, (r(8, 6), _target(8, 6)), {}, False),
+        (
+            "cross_entropy-weight-smoothing",
+            MF.cross_entropy,
+            F.cross_entropy,
+            (r(8, 6), _target(8, 6), _weight(6, dtype)),
+            {"label_smoothing": 0.2},
+            False,
+        ),
+        (
+            "cross_entropy-probabilities",
+            MF.cross_entropy,
+            F.cross_entropy,
+            (r(8, 6), _soft_target(8, 6, dtype), _weight(6, dtype)),
+            {"label_smoothing": 0.1},
+            False,
+        ),
+        ("relu-inplace", _relu_in_place(MF.relu), _relu_in_place(F.relu), (r(64),), {}, True),
         # torch rounds mse's 2/numel to the half dtype before multiplying; manualbp does too.
         ("mse-mean", MF.mse_loss, F.mse_loss, (r(8, 6), r(8, 6)), {}, True),
         ("mse-sum", MF.mse_loss, F.mse_loss, (r(8, 6), r(8, 6)), {"reduction": "sum"}, True),
         ("mse-none", MF.mse_loss, F.mse_loss, (r(8, 6), r(8, 6)), {"reduction": "none"}, True),
     ]
+
+
+def _relu_in_place(relu: Callable) -> Callable:
+    """``relu(..., inplace=True)`` of a non-leaf copy (an in-place op on a leaf that requires
+    grad is an error)."""
+    return lambda x: relu(x.clone(), inplace=True)
 
 
 def _cross_entropy_tolerance(dtype: torch.dtype) -> dict[str, float]:
@@ -215,7 +324,7 @@ def _cross_entropy_tolerance(dtype: torch.dtype) -> dict[str, float]:
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_half_precision_inputs_match_builtin(dtype: torch.dtype) -> None:
     for case, manual, reference, args, kwargs, exact in _half_cases(dtype):
-        tolerance = _cross_entropy_tolerance(dtype) if case == "cross_entropy" else None
+        tolerance = _cross_entropy_tolerance(dtype) if case.startswith("cross_entropy") else None
         rows = assert_parity(
             manual, reference, args, kwargs, exact=exact, case=case, tolerance=tolerance
         )

@@ -19,7 +19,7 @@ from torch import nn
 
 import manualbp.functional as MF
 import manualbp.nn as mnn
-from manualbp.nn import MLP, manual_twin
+from manualbp.nn import MLP
 
 X = torch.randn(3, 4)  # (N, C) = (3, 4) logits / (N, in) input
 W = torch.randn(5, 4)
@@ -130,10 +130,11 @@ BAD_CALLS: list[BadCall] = [
         lambda: F.relu(None),
     ),
     BadCall(
-        "relu-inplace",
-        lambda: MF.relu(X.clone(), inplace=True),
-        ValueError,
-        r"relu: inplace=True is not supported; expected inplace=False",
+        "relu-inplace-on-a-leaf-that-requires-grad",
+        lambda: MF.relu(X.clone().requires_grad_(), inplace=True),
+        RuntimeError,
+        r"a leaf Variable that requires grad has been used in an in-place operation",
+        lambda: F.relu(X.clone().requires_grad_(), inplace=True),
     ),
     # --- cross-entropy
     BadCall(
@@ -168,7 +169,8 @@ BAD_CALLS: list[BadCall] = [
         "ce-float-target",
         lambda: MF.cross_entropy(X, torch.tensor([0.0, 1.0, 3.0])),
         RuntimeError,
-        r"target must hold int64 class indices of shape \(3,\), got dtype torch.float32",
+        r"target must hold int64 class indices of shape \(3,\), got dtype torch.float32 "
+        r"\(class-probability targets must have the input's shape \(3, 4\)\)",
         lambda: F.cross_entropy(X, torch.tensor([0.0, 1.0, 3.0])),
     ),
     BadCall(
@@ -190,20 +192,131 @@ BAD_CALLS: list[BadCall] = [
         "ce-2d-target",
         lambda: MF.cross_entropy(X, CLASSES.unsqueeze(1)),
         RuntimeError,
-        r"target must be 1-D class indices of shape \(3,\), got shape \(3, 1\)",
+        r"target must be class indices of shape \(3,\) for input of shape \(3, 4\), "
+        r"got shape \(3, 1\)",
         lambda: F.cross_entropy(X, CLASSES.unsqueeze(1)),
     ),
     BadCall(
-        "ce-1d-logits",
-        lambda: MF.cross_entropy(torch.randn(4), torch.tensor(1)),
+        "ce-0d-logits",
+        lambda: MF.cross_entropy(torch.tensor(1.0), torch.tensor(0)),
         ValueError,
-        r"input must be \(N, C\) logits, got shape \(4,\)",
+        r"input must have a class dimension, \(C,\), \(N, C\) or \(N, C, d1, ..., dk\) "
+        r"logits, got shape \(\)",
     ),
     BadCall(
-        "ce-3d-logits",
-        lambda: MF.cross_entropy(torch.randn(3, 4, 2), torch.zeros(3, 2, dtype=torch.long)),
+        "ce-unbatched-logits-1d-target",
+        lambda: MF.cross_entropy(torch.randn(4), torch.tensor([1])),
+        RuntimeError,
+        r"for unbatched input of shape \(4,\) target must be a 0-d class index, got shape \(1,\)",
+    ),
+    BadCall(
+        "ce-unbatched-target-out-of-range",
+        lambda: MF.cross_entropy(torch.randn(4), torch.tensor(7)),
+        IndexError,
+        r"cross_entropy: target = 7 is out of bounds; expected class indices in \[0, 4\)",
+        lambda: F.cross_entropy(torch.randn(4), torch.tensor(7)),
+    ),
+    BadCall(
+        "ce-kd-target-shape",
+        lambda: MF.cross_entropy(torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long)),
+        RuntimeError,
+        r"target must be class indices of shape \(2, 5\) for input of shape \(2, 3, 5\), "
+        r"got shape \(2, 4\)",
+        lambda: F.cross_entropy(torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long)),
+    ),
+    BadCall(
+        "ce-kd-batch-mismatch",
+        lambda: MF.cross_entropy(torch.randn(2, 3, 5, 5), torch.zeros(3, 5, 5, dtype=torch.long)),
         ValueError,
-        r"input must be \(N, C\) logits, got shape \(3, 4, 2\)",
+        r"input batch size \(2\) does not match target batch size \(3\); "
+        r"expected target of shape \(2, 5, 5\)",
+        lambda: F.cross_entropy(torch.randn(2, 3, 5, 5), torch.zeros(3, 5, 5, dtype=torch.long)),
+    ),
+    BadCall(
+        "ce-kd-target-out-of-range",
+        lambda: MF.cross_entropy(torch.randn(2, 3, 4), torch.tensor([[0, 1, 2, 1], [2, 0, 3, 1]])),
+        IndexError,
+        r"target\[1, 2\] = 3 is out of bounds; expected class indices in \[0, 3\)",
+        lambda: F.cross_entropy(torch.randn(2, 3, 4), torch.tensor([[0, 1, 2, 1], [2, 0, 3, 1]])),
+    ),
+    BadCall(
+        "ce-kd-uint8-target",
+        lambda: MF.cross_entropy(torch.randn(2, 3, 5), torch.zeros(2, 5, dtype=torch.uint8)),
+        RuntimeError,
+        r"target must hold int64 class indices of shape \(2, 5\), got dtype torch.uint8",
+        lambda: F.cross_entropy(torch.randn(2, 3, 5), torch.zeros(2, 5, dtype=torch.uint8)),
+    ),
+    BadCall(
+        "ce-weight-size",
+        lambda: MF.cross_entropy(X, CLASSES, torch.ones(3)),
+        RuntimeError,
+        r"weight must hold one weight per class, shape \(4,\), got shape \(3,\)",
+        lambda: F.cross_entropy(X, CLASSES, torch.ones(3)),
+    ),
+    BadCall(
+        "ce-weight-2d",
+        lambda: MF.cross_entropy(X, CLASSES, weight=torch.ones(2, 2)),
+        RuntimeError,
+        r"weight must hold one weight per class, shape \(4,\), got shape \(2, 2\)",
+        lambda: F.cross_entropy(X, CLASSES, weight=torch.ones(2, 2)),
+    ),
+    BadCall(
+        "ce-weight-dtype",
+        lambda: MF.cross_entropy(X, CLASSES, weight=torch.ones(4, dtype=torch.float64)),
+        RuntimeError,
+        r"weight dtype torch.float64 differs from input dtype torch.float32",
+        lambda: F.cross_entropy(X, CLASSES, weight=torch.ones(4, dtype=torch.float64)),
+    ),
+    BadCall(
+        "ce-weight-requires-grad",
+        lambda: MF.cross_entropy(X, CLASSES, weight=torch.ones(4, requires_grad=True)),
+        RuntimeError,
+        r"weight requires grad, but the loss of class-index targets is not differentiable "
+        r"with respect to the class weights",
+        lambda: F.cross_entropy(X, CLASSES, weight=torch.ones(4, requires_grad=True)),
+    ),
+    BadCall(
+        "ce-weight-not-tensor",
+        lambda: MF.cross_entropy(X, CLASSES, weight=[1.0, 1.0, 1.0, 1.0]),
+        TypeError,
+        r"cross_entropy: weight must be a torch.Tensor, got list",
+        lambda: F.cross_entropy(X, CLASSES, weight=[1.0, 1.0, 1.0, 1.0]),
+    ),
+    BadCall(
+        "ce-label-smoothing-above-one",
+        lambda: MF.cross_entropy(X, CLASSES, label_smoothing=1.5),
+        RuntimeError,
+        r"label_smoothing must be between 0.0 and 1.0, got 1.5",
+        lambda: F.cross_entropy(X, CLASSES, label_smoothing=1.5),
+    ),
+    BadCall(
+        "ce-label-smoothing-not-a-number",
+        lambda: MF.cross_entropy(X, CLASSES, label_smoothing="0.1"),
+        TypeError,
+        r"label_smoothing must be a float, got str",
+        lambda: F.cross_entropy(X, CLASSES, label_smoothing="0.1"),
+    ),
+    BadCall(
+        "ce-probability-target-integer",
+        lambda: MF.cross_entropy(X, torch.ones(3, 4, dtype=torch.long)),
+        RuntimeError,
+        r"a target of the input's shape \(3, 4\) holds class probabilities and must be "
+        r"floating-point, got dtype torch.int64",
+        lambda: F.cross_entropy(X, torch.ones(3, 4, dtype=torch.long)),
+    ),
+    BadCall(
+        "ce-probability-target-ignore-index",
+        lambda: MF.cross_entropy(X, X.softmax(1), ignore_index=1),
+        RuntimeError,
+        r"ignore_index=1 is not supported for class-probability targets",
+        lambda: F.cross_entropy(X, X.softmax(1), ignore_index=1),
+    ),
+    BadCall(
+        "ce-probability-target-weight-size",
+        lambda: MF.cross_entropy(X, X.softmax(1), torch.ones(5)),
+        RuntimeError,
+        r"weight must hold one weight per class, shape \(4,\), got shape \(5,\)",
+        lambda: F.cross_entropy(X, X.softmax(1), torch.ones(5)),
     ),
     BadCall(
         "ce-integer-logits",
@@ -251,20 +364,27 @@ BAD_CALLS: list[BadCall] = [
         "mse-shape-mismatch",
         lambda: MF.mse_loss(X, torch.randn(4, 3)),
         RuntimeError,
-        r"input shape \(3, 4\) and target shape \(4, 3\) differ and cannot broadcast",
+        r"input shape \(3, 4\) and target shape \(4, 3\) cannot broadcast",
         lambda: F.mse_loss(X, torch.randn(4, 3)),
     ),
     BadCall(
-        "mse-broadcastable-shape",
-        lambda: MF.mse_loss(X, torch.randn(1, 4)),
-        ValueError,
-        r"input shape \(3, 4\) and target shape \(1, 4\) differ",
+        "mse-integer-input",
+        lambda: MF.mse_loss(X.long(), X),
+        RuntimeError,
+        r"input must be a floating-point tensor, got dtype torch.int64",
     ),
     BadCall(
-        "mse-integer-target",
-        lambda: MF.mse_loss(X, X.long()),
-        RuntimeError,
-        r"target must be a floating-point tensor, got dtype torch.int64",
+        "mse-weight-shape",
+        lambda: MF.mse_loss(X, X, weight=torch.ones(4)),
+        ValueError,
+        r"weight must have the input's shape \(3, 4\), got \(4,\)",
+        lambda: F.mse_loss(X, X, weight=torch.ones(4)),
+    ),
+    BadCall(
+        "mse-weight-not-tensor",
+        lambda: MF.mse_loss(X, X, weight=2.0),
+        TypeError,
+        r"mse_loss: weight must be a torch.Tensor, got float",
     ),
     BadCall(
         "mse-target-not-tensor",
@@ -274,16 +394,11 @@ BAD_CALLS: list[BadCall] = [
     ),
     # --- modules and the MLP builder
     BadCall(
-        "ReLU-inplace",
-        lambda: mnn.ReLU(inplace=True),
-        ValueError,
-        r"ReLU: inplace=True is not supported; expected inplace=False",
-    ),
-    BadCall(
-        "manual-twin-of-inplace-relu",
-        lambda: manual_twin(nn.Sequential(nn.Linear(2, 2), nn.ReLU(inplace=True))),
-        ValueError,
-        r"cannot convert 1 \(ReLU\): manualbp.nn.ReLU does not support inplace=True",
+        "ReLU-inplace-on-a-leaf-that-requires-grad",
+        lambda: mnn.ReLU(inplace=True)(X.clone().requires_grad_()),
+        RuntimeError,
+        r"a leaf Variable that requires grad has been used in an in-place operation",
+        lambda: nn.ReLU(inplace=True)(X.clone().requires_grad_()),
     ),
     BadCall(
         "CrossEntropyLoss-reduction",
@@ -310,6 +425,20 @@ BAD_CALLS: list[BadCall] = [
         IndexError,
         r"target\[1\] = 9 is out of bounds",
         lambda: nn.CrossEntropyLoss()(X, torch.tensor([0, 9, 1])),
+    ),
+    BadCall(
+        "CrossEntropyLoss-module-weight-size",
+        lambda: mnn.CrossEntropyLoss(torch.ones(5))(X, CLASSES),
+        RuntimeError,
+        r"weight must hold one weight per class, shape \(4,\), got shape \(5,\)",
+        lambda: nn.CrossEntropyLoss(torch.ones(5))(X, CLASSES),
+    ),
+    BadCall(
+        "CrossEntropyLoss-legacy-reduce-beats-reduction",
+        lambda: mnn.CrossEntropyLoss(reduce=True, reduction="avg")(X, torch.tensor([0, 9, 1])),
+        IndexError,
+        r"target\[1\] = 9 is out of bounds",
+        lambda: nn.CrossEntropyLoss(reduce=True, reduction="avg")(X, torch.tensor([0, 9, 1])),
     ),
     BadCall("mlp-one-size", lambda: MLP([784]), ValueError, r"sizes must be >= 2 .*got \[784\]"),
     BadCall("mlp-zero-size", lambda: MLP([784, 0, 10]), ValueError, r"got \[784, 0, 10\]"),

@@ -111,7 +111,7 @@ def test_cross_entropy_returns_no_gradient_for_target_or_options() -> None:
     node = loss.grad_fn
     assert type(node).__name__ == "CrossEntropyFunctionBackward"
     returned = node.apply(torch.tensor(1.0), None)  # no gradient for the log_probs output
-    assert returned[1:] == (None, None, None)
+    assert returned[1:] == (None,) * 5  # target, weight, reduction, ignore_index, smoothing
     assert returned[0].shape == x.shape
 
 

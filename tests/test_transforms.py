@@ -12,9 +12,11 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 import manualbp.functional as MF
+import manualbp.nn as mnn
 from manualbp.nn import MLP, autograd_twin
 
 F64 = {"rtol": 1e-12, "atol": 1e-14}
@@ -71,6 +73,93 @@ def test_vmap_of_cross_entropy_over_independent_problems() -> None:
     grads = vmap(grad(MF.cross_entropy))(logits, target)
     expected_grads = vmap(grad(F.cross_entropy))(logits, target)
     torch.testing.assert_close(grads, expected_grads, **F64)
+
+
+CLASS_WEIGHT = torch.tensor([0.5, 2.0, 1.0, 0.25], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"weight": CLASS_WEIGHT},
+        {"label_smoothing": 0.2},
+        {"weight": CLASS_WEIGHT, "label_smoothing": 0.3},
+    ],
+    ids=["weight", "smoothing", "weight-smoothing"],
+)
+def test_vmap_of_kd_cross_entropy_with_options(options: dict, reduction: str) -> None:
+    """(N, C, d) logits per problem, class weights, smoothing and ignored targets under vmap,
+    where masked_select (torch's smoothing denominator) is impossible."""
+    logits = torch.randn(3, 2, 4, 5, dtype=torch.float64)
+    target = torch.randint(0, 4, (3, 2, 5))
+    target[0, 1, 2] = target[2, 0, 0] = -100
+
+    def manual(x, t):
+        return MF.cross_entropy(x, t, reduction=reduction, **options).sum()
+
+    def builtin(x, t):
+        return F.cross_entropy(x, t, reduction=reduction, **options).sum()
+
+    expected = torch.stack([builtin(x, t) for x, t in zip(logits, target, strict=True)])
+    torch.testing.assert_close(vmap(manual)(logits, target), expected, **F64)
+    expected_grads = torch.stack(
+        [torch.func.grad(builtin)(x, t) for x, t in zip(logits, target, strict=True)]
+    )
+    torch.testing.assert_close(vmap(grad(manual))(logits, target), expected_grads, **F64)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_vmap_grad_of_probability_targets_wrt_logits_target_and_weight(reduction: str) -> None:
+    logits = torch.randn(3, 2, 4, 5, dtype=torch.float64)
+    target = torch.randn(3, 2, 4, 5, dtype=torch.float64).softmax(2)
+
+    def loss(function):
+        def value(x, t, w):
+            return function(x, t, w, reduction=reduction, label_smoothing=0.1).sum()
+
+        return value
+
+    argnums = (0, 1, 2)
+    manual = vmap(grad(loss(MF.cross_entropy), argnums), in_dims=(0, 0, None))
+    builtin = vmap(grad(loss(F.cross_entropy), argnums), in_dims=(0, 0, None))
+    for m, b in zip(
+        manual(logits, target, CLASS_WEIGHT), builtin(logits, target, CLASS_WEIGHT), strict=True
+    ):
+        torch.testing.assert_close(m, b, **F64)
+
+
+def test_vmap_grad_of_in_place_relu() -> None:
+    """In place under torch.func (which cannot mark a Function's input dirty): the same
+    Function out of place, copied back."""
+    xs = torch.randn(5, 7, dtype=torch.float64)
+
+    def through(relu):
+        return lambda x: relu(x * 2, inplace=True).sum()
+
+    torch.testing.assert_close(
+        vmap(grad(through(MF.relu)))(xs), vmap(grad(through(F.relu)))(xs), **F64
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_vmap_grad_of_broadcast_and_weighted_mse(reduction: str) -> None:
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    y = torch.randn(3, 5, dtype=torch.float64)  # broadcast over each problem's rows
+    w = torch.rand(3, 4, 5, dtype=torch.float64)
+
+    def loss(function, weighted):
+        def value(x, y, w):
+            return function(x, y, reduction=reduction, weight=w if weighted else None).sum()
+
+        return value
+
+    for weighted in (False, True):
+        manual = vmap(grad(loss(MF.mse_loss, weighted), (0, 1, 2)))(x, y, w)
+        builtin = vmap(grad(loss(F.mse_loss, weighted), (0, 1, 2)))(x, y, w)
+        for m, b in zip(manual, builtin, strict=True):
+            torch.testing.assert_close(m, b, **F64)
 
 
 def test_func_grad_of_mse_wrt_input_and_target() -> None:
@@ -198,6 +287,33 @@ def test_dynamo_traces_manual_mlp_and_losses_without_graph_breaks(activation: st
     assert _explain_graph_breaks(mse_step, x, values) == 0
 
 
+@pytest.mark.filterwarnings("ignore:Using a target size")
+def test_dynamo_traces_the_new_loss_options_and_in_place_relu_without_graph_breaks() -> None:
+    torch.manual_seed(0)
+    weight = torch.rand(4) + 0.5
+    logits = torch.randn(3, 4, 5)
+    classes = torch.randint(0, 4, (3, 5))
+    classes[1, 2] = -100
+    probabilities = torch.randn(3, 4, 5).softmax(1)
+
+    def class_targets(x, t):
+        return MF.cross_entropy(x, t, weight, label_smoothing=0.2)
+
+    def probability_targets(x, p):
+        return MF.cross_entropy(x, p, weight, reduction="sum", label_smoothing=0.1)
+
+    def in_place_relu(x):
+        return MF.relu(x * 2, inplace=True).sum()
+
+    def mse(x, y):
+        return MF.mse_loss(x, y[0]) + MF.mse_loss(x, y, weight=torch.ones_like(x))
+
+    assert _explain_graph_breaks(class_targets, logits, classes) == 0
+    assert _explain_graph_breaks(probability_targets, logits, probabilities) == 0
+    assert _explain_graph_breaks(in_place_relu, logits) == 0
+    assert _explain_graph_breaks(mse, logits, probabilities) == 0
+
+
 def test_dynamo_explain_sees_a_graph_break() -> None:
     """The graph-break check can fail: a ``print`` inside the model is a break."""
 
@@ -227,6 +343,39 @@ def test_compiled_manual_mlp_matches_eager_forward_and_gradients() -> None:
     compiled_loss = torch.compile(loss_fn, fullgraph=True)(x, target)
     compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
     assert compiled_loss.grad_fn is not None and "Compiled" in type(compiled_loss.grad_fn).__name__
+
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, c, e in zip(dict(model.named_parameters()), compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Using a target size")
+def test_compiled_new_loss_options_match_eager_forward_and_gradients() -> None:
+    """K-dimensional weighted, smoothed cross-entropy with ignored targets, probability
+    targets, an in-place ReLU and a broadcast MSE, compiled with ``fullgraph=True``."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(mnn.Linear(6, 8), mnn.ReLU(inplace=True), mnn.Linear(8, 4))
+    weight = torch.rand(4) + 0.5
+    x = torch.randn(10, 6)
+    classes = torch.randint(0, 4, (2, 5))
+    classes[0, 3] = -100
+    probabilities = torch.randn(2, 4, 5).softmax(1)
+
+    def loss_fn(x, classes, probabilities):
+        logits = model(x).view(2, 5, 4).transpose(1, 2)  # (N, C, d)
+        return (
+            MF.cross_entropy(logits, classes, weight, label_smoothing=0.2)
+            + MF.cross_entropy(logits, probabilities, weight, label_smoothing=0.1)
+            + MF.mse_loss(logits, probabilities[0])
+        )
+
+    eager_loss = loss_fn(x, classes, probabilities)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    compiled_loss = torch.compile(loss_fn, fullgraph=True)(x, classes, probabilities)
+    compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+    assert "Compiled" in type(compiled_loss.grad_fn).__name__
 
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for name, c, e in zip(dict(model.named_parameters()), compiled_grads, eager_grads, strict=True):

@@ -1,7 +1,8 @@
 """MNIST served to Lightning: the verified idx files as normalised tensors, and the DataModule.
 
 :class:`MNISTDataModule` serves the files :func:`~manualbp.data.provision.ensure_mnist`
-provisioned as normalised, flattened ``float32`` tensors of shape ``(N, 784)``, either through
+provisioned as normalised ``float32`` tensors of shape ``(N, 784)`` (or images
+``(N, 1, 28, 28)`` with ``flatten=False``), either through
 ordinary ``DataLoader`` objects or, by default, as a
 :class:`~manualbp.data.device_loader.DeviceTensorLoader` over tensors that live on the training
 device.
@@ -103,7 +104,8 @@ def _check_positive_int(name: str, value: object) -> None:
 
 
 class MNISTDataModule(L.LightningDataModule):
-    """MNIST as flattened, normalised ``float32`` inputs ``(B, 784)`` and int64 labels ``(B,)``.
+    """MNIST as normalised ``float32`` inputs ``(B, 784)`` (``flatten=False``: images
+    ``(B, 1, 28, 28)``, for convolutional networks) and int64 labels ``(B,)``.
 
     ``prepare_data`` provisions and verifies the raw files (:func:`ensure_mnist`); ``setup``
     reads them (verifying the MD5 again, of the very bytes it parses), scales pixels to [0, 1],
@@ -126,6 +128,7 @@ class MNISTDataModule(L.LightningDataModule):
         eval_batch_size: batch size of the validation/test/predict loaders; default
             ``batch_size``.
         dataset: which dataset to serve; only ``"mnist"`` is supported.
+        flatten: serve each image as 784 features (default), or as ``(1, 28, 28)``.
     """
 
     num_classes: int = 10
@@ -133,7 +136,7 @@ class MNISTDataModule(L.LightningDataModule):
     input_size: int = 784
     """Features per example (28 x 28 pixels, flattened)."""
     dims: tuple[int, ...] = (784,)
-    """Shape of one input example as yielded."""
+    """Shape of one input example as yielded: ``(784,)``, or ``(1, 28, 28)`` unflattened."""
 
     def __init__(
         self,
@@ -145,6 +148,7 @@ class MNISTDataModule(L.LightningDataModule):
         seed: int = 0,
         eval_batch_size: int | None = None,
         dataset: Literal["mnist"] = "mnist",
+        flatten: bool = True,
     ) -> None:
         super().__init__()
         if dataset != "mnist":
@@ -168,6 +172,8 @@ class MNISTDataModule(L.LightningDataModule):
             raise ValueError(f"device_resident must be a bool, got {device_resident!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if not isinstance(flatten, bool):
+            raise ValueError(f"flatten must be a bool, got {flatten!r}")
         if device_resident and num_workers > 0:
             warnings.warn(
                 f"num_workers={num_workers} is ignored with device_resident=True "
@@ -182,6 +188,8 @@ class MNISTDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.device_resident = device_resident
         self.seed = seed
+        self.flatten = flatten
+        self.dims = (784,) if flatten else (1, 28, 28)
         self.train_indices: Tensor | None = None
         """Indices into the official training set used for training, sorted, ``(60000 - val,)``."""
         self.val_indices: Tensor | None = None
@@ -200,6 +208,7 @@ class MNISTDataModule(L.LightningDataModule):
         raw_dir = mnist_raw_dir(self.data_dir)
         if stage in (None, "fit", "validate") and "train" not in self._splits:
             inputs, labels = _load_split(raw_dir, "train")
+            inputs = inputs.view(-1, *self.dims)
             generator = torch.Generator().manual_seed(self.seed)
             permutation = torch.randperm(MNIST_TRAIN_SIZE, generator=generator)
             self.val_indices = permutation[: self.val_size].sort().values
@@ -207,7 +216,8 @@ class MNISTDataModule(L.LightningDataModule):
             self._splits["train"] = (inputs[self.train_indices], labels[self.train_indices])
             self._splits["val"] = (inputs[self.val_indices], labels[self.val_indices])
         if stage in (None, "test", "predict") and "test" not in self._splits:
-            self._splits["test"] = _load_split(raw_dir, "test")
+            inputs, labels = _load_split(raw_dir, "test")
+            self._splits["test"] = (inputs.view(-1, *self.dims), labels)
         for split, (inputs, labels) in self._splits.items():
             if inputs.device != device:
                 self._splits[split] = (inputs.to(device), labels.to(device))
@@ -228,7 +238,8 @@ class MNISTDataModule(L.LightningDataModule):
     # -- helpers -----------------------------------------------------------------------------
 
     def split_tensors(self, split: Literal["train", "val", "test"]) -> tuple[Tensor, Tensor]:
-        """The loaded ``(inputs, labels)`` of ``split``: ``(N, 784)`` float32, ``(N,)`` int64."""
+        """The loaded ``(inputs, labels)`` of ``split``: ``(N, 784)`` (or ``(N, 1, 28, 28)``)
+        float32, ``(N,)`` int64."""
         if split not in self._splits:
             stage = "test" if split == "test" else "fit"
             raise RuntimeError(f"the {split!r} split is not loaded; call setup({stage!r}) first")
