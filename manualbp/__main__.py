@@ -21,6 +21,8 @@ commands:
   validate    evaluate a checkpoint on the validation split
   test        evaluate a checkpoint on the test split
   fetch-data  provision MNIST and verify every file (manualbp fetch-data --root ./data)
+  check       prove an autograd.Function against a reference, no [train] extra needed
+              (manualbp check mine:Softplus.apply --reference torch.nn.functional:softplus)
 
 `manualbp <command> --help` lists a command's options."""
 
@@ -38,11 +40,18 @@ def _fetch_data(argv: Sequence[str]) -> int:
     return fetch_main(list(argv))
 
 
+def _check(argv: Sequence[str]) -> int:
+    from manualbp.check_command import main as check_main
+
+    return check_main(list(argv))
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "fit": _lightning_cli,
     "validate": _lightning_cli,
     "test": _lightning_cli,
     "fetch-data": lambda argv: _fetch_data(argv[1:]),
+    "check": lambda argv: _check(argv[1:]),
 }
 
 

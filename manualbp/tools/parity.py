@@ -1,12 +1,14 @@
 """The exactness table: every handwritten Function against its torch reference.
 
-:func:`compare_with_reference` follows tinygrad's ``helper_test_op``: it builds two
-independent leaf copies of the inputs (same values, same strides), runs the manualbp op on
-one and the ``torch.nn.functional`` reference on the other, and compares the forward output
-and ``torch.autograd.grad`` of every input that requires grad, both taken against the same
-random upstream gradient. Each compared tensor yields a :class:`ParityRow` with the statistics
-of :mod:`manualbp.compare` (exact, max_abs, max_rel, max_ulp); :func:`assert_parity` turns the
-rows into assertions (a dtype-appropriate tolerance always, bit-exactness on request).
+:func:`compare_with_reference` is a client of ``manualbp.check``: it runs
+:func:`manualbp.checks.forward_backward_agreement`, the comparison behind the check's
+``forward`` and ``backward`` properties (after tinygrad's ``helper_test_op``: two independent
+leaf copies of the inputs with the same values and strides, the manualbp op on one and the
+``torch.nn.functional`` reference on the other, the forward output and ``torch.autograd.grad``
+of every input that requires grad against one random upstream gradient). Each compared tensor
+yields a :class:`ParityRow` with the statistics of :mod:`manualbp.compare` (exact, max_abs,
+max_rel, max_ulp); :func:`assert_parity` turns the rows into assertions (a dtype-appropriate
+tolerance always, bit-exactness on request).
 
 ``PARITY_CASES`` is the registry of cases the test suite parametrizes over. ``exact_on_cpu``
 marks the cases known to reproduce torch's CPU kernels bit for bit (linear, sigmoid, tanh,
@@ -20,6 +22,7 @@ GPU, TF32 off).
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,23 +31,10 @@ import torch
 import torch.nn.functional as F
 
 import manualbp.functional as MF
-from manualbp.compare import agreement
 
-# Tolerances for the "close" check of every case: loose enough for a reordered reduction
-# (a few ulps times the reduction length), tight enough to catch any wrong formula.
-TOLERANCES: dict[torch.dtype, dict[str, float]] = {
-    torch.float64: {"rtol": 1e-12, "atol": 1e-14},
-    torch.float32: {"rtol": 1e-5, "atol": 1e-6},
-    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-5},
-    torch.float16: {"rtol": 1e-3, "atol": 1e-5},
-}
-
-# On CUDA, manualbp's matmuls may take a different cuBLAS layout (and so a different kernel)
-# than torch's own backward, and reductions run in parallel: same formulas, other roundings.
-CUDA_TOLERANCES: dict[torch.dtype, dict[str, float]] = {
-    torch.float64: {"rtol": 1e-10, "atol": 1e-12},
-    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
-}
+# The tolerances per dtype (CPU, CUDA) and leaf_copy are manualbp.check's, re-exported here.
+from manualbp.checks import CUDA_TOLERANCES, TOLERANCES, forward_backward_agreement
+from manualbp.checks import leaf_copy as leaf_copy
 
 PARITY_DTYPES = (torch.float32, torch.float64)
 
@@ -62,18 +52,6 @@ class ParityRow:
     max_ulp: float
 
 
-def leaf_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A new leaf with the same values, dtype, device, sizes, strides and requires_grad.
-
-    ``clone()`` would make a step-sliced view contiguous; copying the whole storage and
-    re-viewing it keeps the layout, so both sides of a comparison see identical strides.
-    """
-    storage = tensor.detach().untyped_storage().clone()
-    copy = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-    copy.set_(storage, tensor.storage_offset(), tensor.size(), tensor.stride())
-    return copy.requires_grad_(tensor.requires_grad)
-
-
 def compare_with_reference(
     manual: Callable[..., torch.Tensor],
     reference: Callable[..., torch.Tensor],
@@ -87,65 +65,25 @@ def compare_with_reference(
     """Run ``manual(*args, **kwargs)`` and ``reference(*args, **kwargs)`` on separate leaf
     copies and compare the output and every input gradient against one upstream gradient.
 
-    Tensor arguments that require grad are differentiated; the others are copied too, so
-    neither side can see the other's in-place changes. Every tensor must be close
-    (``tolerance``, by default :data:`TOLERANCES` of its dtype). Returns one row for the
+    The comparison of ``manualbp.check``'s forward and backward properties
+    (:func:`manualbp.checks.forward_backward_agreement`). Every tensor must be close
+    (``tolerance``, by default :data:`TOLERANCES` of its dtype) and of the reference's dtype
+    and shape, else AssertionError naming the case and the tensor. Returns one row for the
     output and one per differentiated input (named ``grad[i]`` by argument position).
     """
-    kwargs = kwargs or {}
-    manual_args = [leaf_copy(a) if isinstance(a, torch.Tensor) else a for a in args]
-    reference_args = [leaf_copy(a) if isinstance(a, torch.Tensor) else a for a in args]
-    differentiable = [
-        i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad
+    agreements = forward_backward_agreement(
+        manual, reference, args, kwargs, seed=seed, tolerance=tolerance
+    )
+    for agreement in agreements:
+        if not agreement.close:
+            raise AssertionError(
+                f"{case} {agreement.tensor}: manual vs torch: {agreement.mismatch}"
+            )
+    dtype = agreements[0].dtype  # the reference output's: the case's dtype
+    return [
+        ParityRow(case, dtype, a.tensor, a.exact, a.max_abs, a.max_rel, a.max_ulp)
+        for a in agreements
     ]
-
-    manual_out = manual(*manual_args, **kwargs)
-    reference_out = reference(*reference_args, **kwargs)
-    dtype = reference_out.dtype
-    rows = [_row(case, dtype, "output", manual_out, reference_out, tolerance)]
-    if not differentiable:
-        return rows
-
-    generator = torch.Generator().manual_seed(seed)
-    upstream = torch.randn(reference_out.shape, generator=generator, dtype=torch.float64)
-    upstream = upstream.to(dtype=reference_out.dtype, device=reference_out.device)
-    manual_grads = torch.autograd.grad(
-        manual_out, [manual_args[i] for i in differentiable], upstream
-    )
-    reference_grads = torch.autograd.grad(
-        reference_out, [reference_args[i] for i in differentiable], upstream
-    )
-    for i, manual_grad, reference_grad in zip(
-        differentiable, manual_grads, reference_grads, strict=True
-    ):
-        rows.append(_row(case, dtype, f"grad[{i}]", manual_grad, reference_grad, tolerance))
-    return rows
-
-
-def _row(
-    case: str,
-    dtype: torch.dtype,
-    name: str,
-    actual: torch.Tensor,
-    expected: torch.Tensor,
-    tolerance: dict[str, float] | None,
-) -> ParityRow:
-    if actual.dtype != expected.dtype or actual.shape != expected.shape:
-        raise AssertionError(
-            f"{case} {name}: manual gives {actual.dtype} {tuple(actual.shape)}, torch gives "
-            f"{expected.dtype} {tuple(expected.shape)}"
-        )
-    stats = {key: float(value) for key, value in agreement(actual, expected).items()}
-    exact = stats["exact"] == 1.0
-    row = ParityRow(case, dtype, name, exact, stats["max_abs"], stats["max_rel"], stats["max_ulp"])
-    torch.testing.assert_close(
-        actual,
-        expected,
-        equal_nan=True,
-        **(tolerance or TOLERANCES[expected.dtype]),
-        msg=lambda message: f"{case} {name}: manual vs torch not close. {message}",
-    )
-    return row
 
 
 def assert_parity(
@@ -343,6 +281,91 @@ def _mse_case(
     return ParityCase(id, MF.mse_loss, F.mse_loss, make, True, {"reduction": reduction})
 
 
+def _cross_entropy_options_case(
+    id: str,
+    shape: Sequence[int] = (8, 7),
+    *,
+    reduction: str = "mean",
+    weighted: bool = False,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    ignored: slice | None = None,
+    probabilities: bool = False,
+) -> ParityCase:
+    """Cross-entropy with torch's other options: class weights, label smoothing, logits of any
+    rank ``(C,)``, ``(N, C)``, ``(N, C, d1, ...)``, and class-probability targets (whose
+    gradient, and the class weights', is compared too)."""
+    class_dim = 1 if len(shape) > 1 else 0
+
+    def make(dtype, device, gen):
+        x = _randn(shape, dtype, device, gen, scale=2.0)
+        num_classes = shape[class_dim]
+        weight = None
+        if weighted:
+            values = torch.rand(num_classes, generator=gen, dtype=torch.float64) + 0.5
+            weight = values.to(dtype=dtype, device=device).requires_grad_(probabilities)
+        if probabilities:
+            target = _randn(shape, torch.float64, torch.device("cpu"), gen, grad=False)
+            target = target.softmax(class_dim).to(dtype=dtype, device=device).requires_grad_()
+            return x, target, weight
+        target_shape = [size for dim, size in enumerate(shape) if dim != class_dim]
+        target = torch.randint(0, num_classes, target_shape, generator=gen)
+        if ignored is not None:
+            target.view(-1)[ignored] = ignore_index
+        return x, target.to(device), weight
+
+    kwargs = {
+        "reduction": reduction,
+        "ignore_index": ignore_index,
+        "label_smoothing": label_smoothing,
+    }
+    return ParityCase(id, MF.cross_entropy, F.cross_entropy, make, False, kwargs)
+
+
+def _quietly(mse_loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``mse_loss`` without its warning about a target of another (broadcast) shape."""
+
+    def quiet(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return mse_loss(*args, **kwargs)
+
+    return quiet
+
+
+def _mse_options_case(
+    id: str,
+    input_shape: Sequence[int] = (6, 4),
+    target_shape: Sequence[int] = (6, 4),
+    *,
+    reduction: str = "mean",
+    weighted: bool = False,
+) -> ParityCase:
+    """MSE with a broadcast target (or input) and torch 2.14's ``weight`` (of the input's
+    shape, differentiated too); arguments positional, in torch's order."""
+
+    def make(dtype, device, gen):
+        x = _randn(input_shape, dtype, device, gen)
+        y = _randn(target_shape, dtype, device, gen)
+        weight = None
+        if weighted:
+            values = torch.rand(tuple(input_shape), generator=gen, dtype=torch.float64)
+            weight = values.to(dtype=dtype, device=device).requires_grad_()
+        return x, y, None, None, reduction, weight
+
+    return ParityCase(id, _quietly(MF.mse_loss), _quietly(F.mse_loss), make, True)
+
+
+def _in_place(relu: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``relu(..., inplace=True)`` on a non-leaf copy of its input (a leaf that requires grad
+    cannot be overwritten)."""
+
+    def in_place(input):
+        return relu(input.clone(), inplace=True)
+
+    return in_place
+
+
 PARITY_CASES: list[ParityCase] = [
     # linear: every variant is bit-exact on CPU
     _linear_case("linear-2d", (8, 6)),
@@ -401,6 +424,78 @@ PARITY_CASES: list[ParityCase] = [
     _mse_case("mse-none-target-grad", reduction="none", target_grad=True),
     _mse_case("mse-3d", (2, 3, 4), reduction="mean", target_grad=True),
     _mse_case("mse-transposed", reduction="mean", layout="transposed"),
+    # torch's other options: class weights, label smoothing, K-dimensional and unbatched
+    # logits, class probabilities; in-place ReLU; broadcast and weighted MSE
+    *(
+        _cross_entropy_options_case(f"ce-weight-{reduction}", reduction=reduction, weighted=True)
+        for reduction in ("mean", "sum", "none")
+    ),
+    _cross_entropy_options_case(
+        "ce-weight-ignore-mean", weighted=True, ignored=slice(0, 8, 3), reduction="mean"
+    ),
+    *(
+        _cross_entropy_options_case(
+            f"ce-smoothing-{reduction}", reduction=reduction, label_smoothing=0.2
+        )
+        for reduction in ("mean", "sum", "none")
+    ),
+    _cross_entropy_options_case(
+        "ce-weight-smoothing-ignore-mean",
+        weighted=True,
+        label_smoothing=0.3,
+        ignored=slice(1, 8, 3),
+    ),
+    _cross_entropy_options_case("ce-3d-mean", (4, 5, 6)),
+    _cross_entropy_options_case(
+        "ce-4d-weight-ignore-none",
+        (2, 5, 3, 4),
+        reduction="none",
+        weighted=True,
+        ignored=slice(0, 24, 5),
+    ),
+    _cross_entropy_options_case(
+        "ce-5d-smoothing-sum", (2, 4, 3, 2, 2), reduction="sum", label_smoothing=0.1
+    ),
+    _cross_entropy_options_case("ce-unbatched", (7,)),
+    _cross_entropy_options_case(
+        "ce-unbatched-weight-smoothing", (7,), weighted=True, label_smoothing=0.4
+    ),
+    *(
+        _cross_entropy_options_case(
+            f"ce-probabilities-{reduction}", reduction=reduction, probabilities=True
+        )
+        for reduction in ("mean", "sum", "none")
+    ),
+    _cross_entropy_options_case(
+        "ce-probabilities-weight-smoothing-mean",
+        weighted=True,
+        label_smoothing=0.2,
+        probabilities=True,
+    ),
+    _cross_entropy_options_case(
+        "ce-probabilities-4d-weight-none",
+        (2, 5, 3, 4),
+        reduction="none",
+        weighted=True,
+        probabilities=True,
+    ),
+    ParityCase(
+        "relu-inplace",
+        _in_place(MF.relu),
+        _in_place(F.relu),
+        lambda dtype, device, gen: (_randn((8, 6), dtype, device, gen),),
+        exact_on_cpu=True,
+    ),
+    *(
+        _mse_options_case(f"mse-broadcast-target-{reduction}", (6, 4), (4,), reduction=reduction)
+        for reduction in ("mean", "sum", "none")
+    ),
+    _mse_options_case("mse-broadcast-input-mean", (3, 1), (2, 3, 4)),
+    *(
+        _mse_options_case(f"mse-weighted-{reduction}", reduction=reduction, weighted=True)
+        for reduction in ("mean", "sum", "none")
+    ),
+    _mse_options_case("mse-weighted-broadcast-mean", (6, 4), (4,), weighted=True),
 ]
 
 
