@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
+from manualbp.direct import recording
+
 __all__ = ["apply", "classic_form"]
 
 _CLASSIC_FORMS: dict[type[Function], type[Function]] = {}
@@ -54,8 +56,13 @@ def _build_classic_form(function: type[Function]) -> type[Function]:
 
 
 def apply(function: type[Function], *inputs):
-    """``function.apply(*inputs)`` under ``torch.compile`` or a ``torch.func`` transform, else
-    the same computation through the faster classic form."""
+    """``function.apply(*inputs)`` under ``torch.compile`` or a ``torch.func`` transform; the
+    same computation through the faster classic form in eager mode; and, while a
+    :class:`~manualbp.direct.Tape` records (direct backprop), the Function's own forward and
+    setup_context without autograd."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return function.apply(*inputs)
+    tape = recording()
+    if tape is not None:
+        return tape.apply(function, *inputs)
     return classic_form(function).apply(*inputs)
