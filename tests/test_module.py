@@ -301,6 +301,7 @@ def test_checkpoint_holds_both_models_and_each_twins_optimizer(mnist_root, tmp_p
         "check_every_n_steps": 2,
         "backend": "manual",
         "cuda_graph": False,
+        "direct": False,
     }
     (optimizers,) = saved["optimizer_states"]
     assert set(optimizers) == {"manual", "autograd"}  # one optimizer per twin

@@ -129,6 +129,7 @@ def test_report_writes_every_figure_and_the_event_files_numbers(runs: Path, tmp_
         "grad_check_tiny_lockstep.png",
         "grad_check_tiny_sigmoid.png",
         "grad_check_tiny_relu.png",
+        "divergence_tiny_lockstep.png",  # lockstep runs only
         "grad_norms_tiny_sigmoid_vs_tiny_relu.png",
         "test_error.png",
         "results.md",

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from manualbp.nn import MLP, CrossEntropyLoss, autograd_twin
+from manualbp.nn import MLP, CrossEntropyLoss, LeNet5, autograd_twin
 from manualbp.train.cuda_graph import CUDAGraphStep
 
 __all__ = ["CASES", "BenchmarkCase", "main", "measure_case", "run_benchmarks", "to_markdown"]
@@ -40,7 +40,9 @@ Step = Callable[[], None]
 
 @dataclass(frozen=True)
 class BenchmarkCase:
-    """One network and batch size: ``sizes`` widths (input first), ``activation``, ``batch``."""
+    """One network and batch size: ``sizes`` widths (input first), ``activation``, ``batch``;
+    ``network="lenet5"`` is :class:`~manualbp.nn.LeNet5` instead of an MLP (``sizes`` then
+    gives only the classes, last)."""
 
     name: str
     sizes: tuple[int, ...]
@@ -48,10 +50,22 @@ class BenchmarkCase:
     batch: int
     quick: bool = False  # part of the --quick set
     heavy: bool = False  # compute-bound: few steps, skipped on CPU unless --full
+    network: str = "mlp"
 
     @property
     def label(self) -> str:
         return f"{self.name} @ batch {self.batch}"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's shape: ``(784,)`` for an MLP on MNIST, ``(1, 28, 28)`` for LeNet-5."""
+        return (1, 28, 28) if self.network == "lenet5" else (self.sizes[0],)
+
+    def build(self) -> nn.Module:
+        """The manual network (from the current random state)."""
+        if self.network == "lenet5":
+            return LeNet5(self.activation, num_classes=self.sizes[-1])
+        return MLP(list(self.sizes), self.activation, "manual")
 
 
 DEEP_SIGMOID = (784, 128, 128, 128, 128, 128, 128, 10)
@@ -65,6 +79,7 @@ CASES: tuple[BenchmarkCase, ...] = (
     BenchmarkCase("784-2048x3-10 relu", (784, 2048, 2048, 2048, 10), "relu", 512, heavy=True),
     BenchmarkCase("784-4096x3-10 relu", WIDE, "relu", 1024, heavy=True),
     BenchmarkCase("784-4096x3-10 relu", WIDE, "relu", 8192, heavy=True),
+    BenchmarkCase("LeNet-5 relu, max pooling", (784, 10), "relu", 256, network="lenet5"),
 )
 
 
@@ -91,13 +106,13 @@ def _sync(device: torch.device) -> None:
 
 def _twins(case: BenchmarkCase, device: torch.device, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(seed)
-    manual = MLP(list(case.sizes), case.activation, "manual").to(device)
+    manual = case.build().to(device)
     return manual, autograd_twin(manual)
 
 
 def _batch(case: BenchmarkCase, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    inputs = torch.randn(case.batch, case.sizes[0], generator=generator).to(device)
+    inputs = torch.randn(case.batch, *case.input_shape, generator=generator).to(device)
     targets = torch.randint(0, case.sizes[-1], (case.batch,), generator=generator).to(device)
     return inputs, targets
 

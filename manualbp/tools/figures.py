@@ -16,7 +16,14 @@ from manualbp.tools.runs import Run, param_order
 if TYPE_CHECKING:
     from manualbp.tools.report import ResultRow
 
-__all__ = ["deep_pairs", "plot_grad_check", "plot_grad_norms", "plot_losses", "plot_test_error"]
+__all__ = [
+    "deep_pairs",
+    "plot_divergence",
+    "plot_grad_check",
+    "plot_grad_norms",
+    "plot_losses",
+    "plot_test_error",
+]
 
 TWINS = ("manual", "autograd")
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -212,6 +219,54 @@ def plot_grad_check(run: Run, out: Path) -> bool:
     ax.legend(
         fontsize=7, ncol=1 if len(params) <= 10 else 2, loc="upper left", bbox_to_anchor=(1.01, 1.0)
     )
+    fig.tight_layout()
+    _save(fig, out)
+    return True
+
+
+def plot_divergence(run: Run, out: Path) -> bool:
+    """Two questions on one time axis and one log scale: above, the gradient check (the two
+    gradients at the *same* weights, worst ``max_rel`` over the parameters at each check);
+    below, the weight divergence of the twins each trained on its own gradients
+    (``divergence/max`` and per parameter). A correct formula keeps the upper curve at
+    round-off while the lower one may grow: training amplifies last-bit differences. Zeros
+    (exact agreement) are not drawn. Returns False (and writes nothing) when the run has no
+    ``divergence/max`` (not a lockstep run)."""
+    divergence = run.get("divergence/max")
+    if divergence is None:
+        return False
+    check = run.get("grad_check/max_rel")
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 5.6), sharex=True, sharey=True)
+    if check is not None:
+        keep = check.values > 0
+        top.plot(check.steps[keep], check.values[keep], color="tab:blue", lw=1, marker=".", ms=3)
+        top.axhline(FLOAT32_EPS, color="tab:red", lw=0.8, ls="--", label="float32 eps")
+        top.legend(fontsize=7, loc="upper left")
+        top.set_title(
+            f"gradient check, same weights and batch: worst max_rel {check.values.max():.1e} "
+            f"in {len(check.steps)} checks",
+            fontsize=9,
+        )
+    top.set_ylabel("max_rel of the gradients")
+    keep = divergence.values > 0
+    bottom.plot(divergence.steps[keep], divergence.values[keep], color="black", lw=1.4, label="max")
+    for param in run.params():
+        series = run.get(f"divergence/{param}")
+        if series is not None and (series.values > 0).any():
+            nonzero = series.values > 0
+            bottom.plot(series.steps[nonzero], series.values[nonzero], lw=0.7, label=param)
+    bottom.set_title(
+        f"weights, each twin trained on its own gradients: {divergence.last:.1e} at the end",
+        fontsize=9,
+    )
+    bottom.set_ylabel("max |θ_manual − θ_autograd|")
+    bottom.set_xlabel("optimizer step")
+    bottom.legend(fontsize=7, loc="lower right", ncol=3)
+    for ax in (top, bottom):
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"{run.name}: {run.architecture}", fontsize=10)
     fig.tight_layout()
     _save(fig, out)
     return True

@@ -6,6 +6,8 @@ Reads the runs (:mod:`manualbp.tools.runs`) under ``runs/<experiment>/version_N/
   (dashed) twins on one axis, with the twins' largest weight difference below;
 * ``grad_check_<experiment>.png``: the largest relative gradient error per parameter over
   training (``grad_check/<param>/max_rel``, log scale);
+* ``divergence_<experiment>.png`` (lockstep runs): the gradient check at the same weights above
+  the weight divergence of the twins trained apart, on one time axis;
 * ``grad_norms_<sigmoid>_vs_<relu>.png``: per-layer gradient norms of a deep sigmoid net and
   its ReLU counterpart (vanishing gradients), for every such pair among the runs;
 * ``test_error.png``: final test error of every experiment, both twins, beside the published
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from manualbp.tools.figures import (
     deep_pairs,
+    plot_divergence,
     plot_grad_check,
     plot_grad_norms,
     plot_losses,
@@ -196,6 +199,9 @@ def write_report(
         grad_png = out / f"grad_check_{run.name}.png"
         if plot_grad_check(run, grad_png):
             written.append(grad_png)
+        divergence_png = out / f"divergence_{run.name}.png"
+        if plot_divergence(run, divergence_png):
+            written.append(divergence_png)
     for sigmoid, relu in deep_pairs(runs):
         norms_png = out / f"grad_norms_{sigmoid.name}_vs_{relu.name}.png"
         plot_grad_norms(sigmoid, relu, norms_png)

@@ -60,9 +60,18 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from manualbp.compare import GradientReport, compare_gradients, custom_functions
+from manualbp.compare import (
+    GradientReport,
+    agreement,
+    compare_gradients,
+    custom_functions,
+    forked_rng,
+    gradients_at,
+)
+from manualbp.direct import DirectBackprop
 from manualbp.nn import MLP, CrossEntropyLoss, autograd_twin, is_handwritten
 from manualbp.train.cuda_graph import CUDAGraphStep
+from manualbp.train.dashboard import twin_layout
 from manualbp.train.twin_optimizers import TwinOptimizers, TwinSchedulers
 
 __all__ = ["HP_METRICS", "TwinModule"]
@@ -111,6 +120,12 @@ class TwinModule(L.LightningModule):
             (:class:`~manualbp.train.cuda_graph.CUDAGraphStep`), and Lightning steps the
             optimizer (manual optimization), so step counting, checkpoints and schedulers
             work as usual. A batch of another shape (a short last batch) runs eagerly.
+        direct: the other opt-in fast path (``compare="off"`` or ``"check"``, float32): the
+            manual network's forward and backward are chained by hand
+            (:class:`~manualbp.direct.DirectBackprop`: the same Functions, no autograd
+            engine) and Lightning steps the optimizer (manual optimization). In check mode
+            the gradients checked are the ones applied. Trainer gradient clipping and
+            accumulation are not available with it (Lightning refuses them).
 
     Batches: ``(inputs (N, *), targets)`` with ``targets`` ``(N,)`` int64 classes, or float
     targets of the output's shape for an MSE loss.
@@ -122,6 +137,8 @@ class TwinModule(L.LightningModule):
             gradient check on this rank (``None`` before the first one).
         worst_grad_max_rel: buffer ``()``, the largest ``grad_check/max_rel`` seen over all
             checks and ranks so far (saved in checkpoints).
+        last_check_values: the values logged at the latest check step (gradient agreement
+            and divergence, reduced over ranks; a new dict each check), ``None`` before one.
     """
 
     def __init__(
@@ -134,6 +151,7 @@ class TwinModule(L.LightningModule):
         check_every_n_steps: int = 50,
         backend: Literal["manual", "autograd"] = "manual",
         cuda_graph: bool = False,
+        direct: bool = False,
     ) -> None:
         super().__init__()
         _check_choice("compare", compare, ("check", "lockstep", "off"))
@@ -149,6 +167,14 @@ class TwinModule(L.LightningModule):
             raise ValueError(
                 f"TwinModule: cuda_graph=True needs compare='off' (compare={compare!r} runs "
                 "gradient checks between steps, which a replayed graph cannot)"
+            )
+        if not isinstance(direct, bool):
+            raise ValueError(f"TwinModule: direct must be a bool, got {direct!r}")
+        if direct and (compare == "lockstep" or backend == "autograd" or cuda_graph):
+            raise ValueError(
+                "TwinModule: direct=True trains the manual network by hand and needs "
+                f"compare='off' or 'check' with backend='manual' and cuda_graph=False (got "
+                f"compare={compare!r}, backend={backend!r}, cuda_graph={cuda_graph!r})"
             )
         if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int):
             raise ValueError(
@@ -191,9 +217,12 @@ class TwinModule(L.LightningModule):
         self.lr_scheduler_factory: LRSchedulerCallable | None = lr_scheduler
         self.register_buffer("worst_grad_max_rel", torch.zeros(()))
         self.last_gradient_report: GradientReport | None = None
+        self.last_check_values: dict[str, float] | None = None
         self._hparams_tab_written = False
-        # With cuda_graph the step is replayed, so Lightning must not call backward itself.
-        self.automatic_optimization = not cuda_graph
+        # With cuda_graph the step is replayed, with direct it is driven by hand: either way
+        # Lightning must not call backward itself.
+        self.automatic_optimization = not (cuda_graph or direct)
+        self._direct = DirectBackprop(self.manual_model, self._manual_loss) if direct else None
         self._graph_step: CUDAGraphStep | None = None
         self._step_losses: dict[str, torch.Tensor] = {}
         self._plateau_monitors: dict[str, str] = {}
@@ -293,12 +322,18 @@ class TwinModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if self.hparams.cuda_graph:
             return self._graph_training_step(batch)
+        if self._direct is not None:
+            return self._direct_training_step(batch)
         inputs, targets = batch
         log_now = self._train_metrics_due()
         progress_bar = self.trainer.progress_bar_callback is not None
         losses: dict[str, torch.Tensor] = {}
-        for name, model in self._models():
-            outputs = model(inputs)
+        models = self._models()
+        for index, (name, model) in enumerate(models):
+            # The twins draw the same random numbers (dropout masks): each starts from the
+            # state the first found, and the last leaves it where one network alone would.
+            with forked_rng(inputs.device, enabled=index < len(models) - 1):
+                outputs = model(inputs)
             losses[name] = self._loss_fn(name)(outputs, targets)
             if log_now:
                 self.log(f"train/loss/{name}", losses[name], prog_bar=progress_bar)
@@ -329,6 +364,44 @@ class TwinModule(L.LightningModule):
             self._check_step(inputs, targets, {name: loss})
         self.optimizers().step()  # through Lightning: counts global_step, runs its hooks
         return loss
+
+    def _direct_training_step(self, batch: Batch) -> torch.Tensor:
+        """``direct=True``: forward and backward by hand, then Lightning steps the optimizer."""
+        inputs, targets = batch
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = self._direct(inputs, targets)
+        if self.global_step == 0 and self.autograd_model is not None:
+            twin_loss = self._autograd_loss(self.autograd_model(inputs), targets)
+            self._check_what_is_handwritten({"autograd": twin_loss})
+        log_now = self._train_metrics_due()
+        if log_now:
+            progress_bar = self.trainer.progress_bar_callback is not None
+            self.log("train/loss/manual", loss, prog_bar=progress_bar)
+        self._watch_finite({"manual": loss}, read_now=log_now)
+        if self.global_step % self.hparams.check_every_n_steps == 0:
+            self._check_step(inputs, targets, {"manual": loss})
+        optimizer.step()
+        return loss
+
+    def _applied_gradient_report(
+        self, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> GradientReport:
+        """With ``direct=True``: the gradients the direct step wrote into ``.grad`` (the ones
+        the optimizer applies) against the autograd twin's at the same weights."""
+        parameters = dict(self.manual_model.named_parameters())
+        loss_a, grads_a = gradients_at(
+            self.autograd_model, self._autograd_loss, parameters, inputs, targets
+        )
+        with torch.no_grad():
+            loss_m = self._manual_loss(self.manual_model(inputs), targets)
+        statistics = {
+            name: agreement(
+                torch.zeros_like(param) if param.grad is None else param.grad, grads_a[name]
+            )
+            for name, param in parameters.items()
+        }
+        return GradientReport(loss_m.detach(), loss_a, statistics, ("DirectBackprop",))
 
     def _check_what_is_handwritten(self, losses: dict[str, torch.Tensor]) -> None:
         """At the first step: the manual network's loss must run through handwritten Functions
@@ -404,7 +477,10 @@ class TwinModule(L.LightningModule):
         self._raise_if_nonfinite(reduce_over_ranks=True)
         measured: dict[str, torch.Tensor] = {}
         if self.hparams.compare != "off":
-            self.last_gradient_report = self.gradient_report(inputs, targets)
+            if self._direct is not None:
+                self.last_gradient_report = self._applied_gradient_report(inputs, targets)
+            else:
+                self.last_gradient_report = self.gradient_report(inputs, targets)
             measured.update(self.last_gradient_report.as_scalars())
             if not self.lockstep:  # in check mode this is the twin's only loss
                 measured["train/loss/autograd"] = self.last_gradient_report.loss_autograd
@@ -419,6 +495,7 @@ class TwinModule(L.LightningModule):
             worst = math.nan if nan else max(previous, current)
             self.worst_grad_max_rel.fill_(worst)
             values["grad_check/worst_max_rel"] = worst
+        self.last_check_values = values
         self._write(values)
 
     def _reduce_over_ranks(self, measured: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -557,14 +634,15 @@ class TwinModule(L.LightningModule):
     def _write_hparams_tab(self) -> None:
         """Register the hyperparameters (the module's, what was trained and the DataModule's)
         and the ``hp/*`` metrics in TensorBoard's hparams tab, once per module; the metrics'
-        values arrive later under the same tags (NaN placeholders until then)."""
+        values arrive later under the same tags (NaN placeholders until then). Also writes the
+        CUSTOM SCALARS layout that overlays the twins (:func:`~.dashboard.twin_layout`)."""
         if self._hparams_tab_written:
             return
         self._hparams_tab_written = True
         params = {
             key: value
             for key, value in self.hparams.items()
-            if key in ("compare", "check_every_n_steps", "backend", "cuda_graph")
+            if key in ("compare", "check_every_n_steps", "backend", "cuda_graph", "direct")
         }
         params.update(self.description())
         datamodule = self.trainer.datamodule
@@ -576,9 +654,12 @@ class TwinModule(L.LightningModule):
                     if not key.startswith("_")
                 }
             )
+        names = [name for name, _ in self.manual_model.named_parameters()]
+        layout = twin_layout(names, self.hparams.compare, [name for name, _ in self._models()])
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.log_hyperparams(params, dict.fromkeys(self.hp_metrics(), math.nan))
+                logger.experiment.add_custom_scalars(layout)
 
     def on_fit_start(self) -> None:
         if self.lockstep and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
@@ -587,6 +668,11 @@ class TwinModule(L.LightningModule):
                 "with one gradient scaler, so an overflow in one twin would skip the other's "
                 "step and change its scale: the twins would not train as each would alone. Use "
                 "'bf16-mixed' or '32-true' in lockstep, or compare='check'"
+            )
+        if self._direct is not None and self.trainer.precision not in ("32-true", "64-true"):
+            raise ValueError(
+                f"TwinModule: direct=True runs in full precision; got precision="
+                f"{self.trainer.precision!r} (use '32-true', or direct=False for mixed precision)"
             )
         if self.hparams.cuda_graph:
             if self.device.type != "cuda":
