@@ -181,7 +181,7 @@ class ReLUFunction(Function):
         # The same rule on the CPU, where a float mask multiplies several times faster than a
         # boolean one selects: [y > 0] = sign(y), with a NaN y counted as passing g, as torch
         # does; 0 + g·mask in one fused op gives +0 (not g·0 = -0) where y = 0.
-        mask = torch.sign(torch.nan_to_num(y, nan=1.0))  # (*)  1 where y > 0 or NaN, else 0
+        mask = torch.nan_to_num(y, nan=1.0).sign_()  # (*)  1 where y > 0 or NaN, else 0
         return torch.addcmul(grad_output.new_zeros(()), grad_output, mask), None  # (*)
 
 

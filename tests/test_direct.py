@@ -132,3 +132,26 @@ def test_direct_refuses_mixed_precision(quiet_trainer) -> None:
     data = DataLoader(TensorDataset(torch.randn(8, 4), torch.arange(8) % 2), batch_size=4)
     with pytest.raises(ValueError, match=r"direct=True runs in full precision"):
         quiet_trainer(max_steps=1, precision="bf16-mixed").fit(module, data)
+
+
+def test_a_saved_tensor_edited_in_place_is_refused_as_autograd_refuses() -> None:
+    """The tape remembers each saved tensor's version: an in-place edit between forward and
+    backward raises instead of giving the gradient of the edited values."""
+    torch.manual_seed(0)
+    model = MLP([6, 4, 3], "sigmoid")
+    inputs = torch.randn(5, 6)
+    loss, tape = DirectBackprop(model, CrossEntropyLoss()).forward(inputs, torch.arange(5) % 3)
+    inputs.mul_(2)  # fc1 saved its input for dW
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation"):
+        tape.backward(loss)
+
+
+def test_the_benchmark_times_direct_or_says_why_not() -> None:
+    from manualbp.tools.benchmark import CASES, measure_direct
+
+    mlp = next(case for case in CASES if case.name == "784-200-10 relu")
+    timed = measure_direct(mlp, torch.device("cpu"), warmup=1, steps=1, repeats=1)
+    assert timed["step_ms_direct"] > 0 and timed["ratio"] > 0
+    lenet = next(case for case in CASES if case.network == "lenet5")
+    refused = measure_direct(lenet, torch.device("cpu"), warmup=1, steps=1, repeats=1)
+    assert "ViewBackward0" in refused["refused"]

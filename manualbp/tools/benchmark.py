@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from manualbp.direct import DirectBackprop
 from manualbp.nn import MLP, CrossEntropyLoss, LeNet5, autograd_twin
 from manualbp.train.cuda_graph import CUDAGraphStep
 
@@ -96,6 +99,7 @@ class CaseResult:
     memory_autograd_bytes: int
     memory_ratio: float
     compiled: dict[str, float] = field(default_factory=dict)
+    direct: dict[str, object] = field(default_factory=dict)
     cuda_graph: dict[str, float] = field(default_factory=dict)
 
 
@@ -239,6 +243,47 @@ def measure_case(
     return result
 
 
+def direct_training_step(
+    model: nn.Module, loss_fn: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+) -> Step:
+    """:func:`training_step` with the forward and backward driven by hand
+    (:class:`~manualbp.direct.DirectBackprop`) instead of the autograd engine."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    backprop = DirectBackprop(model, loss_fn)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        backprop(inputs, targets)
+        optimizer.step()
+
+    return step
+
+
+def measure_direct(
+    case: BenchmarkCase, device: torch.device, *, warmup: int, steps: int, repeats: int
+) -> dict[str, object]:
+    """The opt-in direct path (the same Functions' forward and backward chained without the
+    autograd engine) against builtin autograd eager, interleaved; ``{"refused": reason}``
+    for a network direct backprop cannot differentiate."""
+    manual, autograd = _twins(case, device)
+    inputs, targets = _batch(case, device)
+    step_d = direct_training_step(manual, CrossEntropyLoss(), inputs, targets)
+    try:
+        step_d()
+    except RuntimeError as error:
+        return {"refused": str(error).split(";")[0]}
+    step_a = training_step(autograd, nn.CrossEntropyLoss(), inputs, targets)
+    time_d, time_a, ratio, spread = interleaved_ratio(
+        step_d, step_a, device, warmup=warmup, steps=steps, repeats=repeats
+    )
+    return {
+        "step_ms_direct": time_d * 1e3,
+        "step_ms_autograd": time_a * 1e3,
+        "ratio": ratio,
+        "ratio_spread": spread,
+    }
+
+
 def measure_compiled(
     case: BenchmarkCase, device: torch.device, *, warmup: int, steps: int, repeats: int
 ) -> dict[str, float]:
@@ -375,7 +420,11 @@ def conventional_epoch_seconds(
     L.seed_everything(seed, verbose=False)
     timer = _epoch_timer(device)
     model = TwinModule(net=MLP([784, 200, 10]), compare="off", backend="manual")
-    _bare_trainer(device, [timer]).fit(model, train_dataloaders=loader)
+    with warnings.catch_warnings():  # timing an epoch: no validation data, on purpose
+        warnings.filterwarnings(
+            "ignore", "You defined a `validation_step` but have no `val_dataloader`"
+        )
+        _bare_trainer(device, [timer]).fit(model, train_dataloaders=loader)
     return timer.seconds
 
 
@@ -437,6 +486,10 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
         result = measure_case(
             case, device, warmup=args.warmup, steps=steps, repeats=args.repeats, compiled=compiled
         )
+        if args.direct and not case.heavy:
+            result.direct = measure_direct(
+                case, device, warmup=args.warmup, steps=steps, repeats=args.repeats
+            )
         if device.type == "cuda" and args.cuda_graph:
             result.cuda_graph = measure_cuda_graph(
                 case, device, warmup=args.warmup, steps=steps, repeats=args.repeats
@@ -530,6 +583,26 @@ def to_markdown(results: dict) -> str:
                 f"{c['step_ms_compiled_autograd']:.3f} | {c['ratio_vs_eager_autograd']:.3f} | "
                 f"{c['ratio_vs_compiled_autograd']:.3f} |"
             )
+    direct = [r for r in results["cases"] if r.get("direct")]
+    if direct:
+        lines += [
+            "",
+            "Direct backprop (the same Functions chained without the autograd engine), "
+            "interleaved with eager autograd:",
+            "",
+            "| case | direct ms/step | autograd ms/step | ratio (min-max) |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in direct:
+            d = r["direct"]
+            if "refused" in d:
+                lines.append(f"| {r['case']} | refused: {d['refused']} | | |")
+                continue
+            low, high = d["ratio_spread"]
+            lines.append(
+                f"| {r['case']} | {d['step_ms_direct']:.3f} | {d['step_ms_autograd']:.3f} | "
+                f"{d['ratio']:.3f} ({low:.2f}-{high:.2f}) |"
+            )
     graphed = [r for r in results["cases"] if r.get("cuda_graph")]
     if graphed:
         lines += [
@@ -591,6 +664,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--no-lightning-epoch", dest="lightning_epoch", action="store_false")
+    parser.add_argument(
+        "--no-direct", dest="direct", action="store_false", help="skip the direct-backprop path"
+    )
     parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
     parser.add_argument("--epoch-batch", type=int, default=512)
     parser.add_argument("--epoch-repeats", type=int, default=None)
@@ -600,7 +676,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="skip the torchvision MNIST + DataLoader epoch",
     )
-    parser.add_argument("--conventional-workers", type=int, default=4)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parser.add_argument(
+        "--conventional-workers",
+        type=int,
+        default=min(4, cores or 1),
+        help="DataLoader workers (default: 4, at most the cores available)",
+    )
     parser.add_argument("--conventional-repeats", type=int, default=None)
     parser.add_argument("--data-dir", default=None, help="MNIST root (default: ./data)")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
@@ -626,6 +708,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    from manualbp.train.quiet import silence_third_party_noise
+
+    silence_third_party_noise()
     args = parse_args(argv)
     results = run_benchmarks(args)
     table = to_markdown(results)
