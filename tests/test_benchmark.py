@@ -69,3 +69,35 @@ def test_benchmark_rejects_bad_arguments(capsys) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--conventional-workers", "-1"])
     assert "--conventional-workers must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_batch_sweep_measures_every_path_and_plots_it(tmp_path) -> None:
+    plot = tmp_path / "sweep.png"
+    results = main(
+        ["--sweep", "--warmup", "1", "--steps", "1", "--repeats", "1", "--plot", str(plot)]
+    )
+    rows = results["sweep"]
+    assert [row["batch"] for row in rows] == [16, 32, 64, 128, 256, 512, 1024]
+    for row in rows:
+        for key in ("step_ms_manual", "step_ms_autograd", "step_ms_direct"):
+            assert math.isfinite(row[key]) and row[key] > 0
+    assert plot.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_harness_overhead_is_the_run_minus_a_plain_loop_of_the_same_work(mnist_root) -> None:
+    from manualbp.tools.harness import measure_harness
+
+    limits = [
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=30",
+        "--trainer.limit_val_batches=2",
+        "--trainer.limit_test_batches=2",
+        f"--data.init_args.data_dir={mnist_root}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    timings = measure_harness("experiments/mnist_mlp.yaml", limits)
+    assert timings["steps"] == 30
+    assert timings["startup_s"] > 0 and timings["run_s"] > 0 and timings["pure_s"] > 0
+    assert timings["overhead_s"] == pytest.approx(timings["run_s"] - timings["pure_s"])
+    assert timings["overhead_fraction"] == pytest.approx(timings["overhead_s"] / timings["run_s"])

@@ -28,6 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -282,6 +283,60 @@ def measure_direct(
         "ratio": ratio,
         "ratio_spread": spread,
     }
+
+
+SWEEP_BATCHES = (16, 32, 64, 128, 256, 512, 1024)
+
+
+def batch_sweep(
+    device: torch.device, batches: Sequence[int], *, warmup: int, steps: int, repeats: int
+) -> list[dict[str, float]]:
+    """Step time of 784-200-10 ReLU at each batch size: eager manual, direct and autograd,
+    each path interleaved with autograd (medians)."""
+    rows = []
+    for batch in batches:
+        case = BenchmarkCase("784-200-10 relu", (784, 200, 10), "relu", batch)
+        eager = measure_case(
+            case, device, warmup=warmup, steps=steps, repeats=repeats, compiled=False
+        )
+        direct = measure_direct(case, device, warmup=warmup, steps=steps, repeats=repeats)
+        rows.append(
+            {
+                "batch": batch,
+                "step_ms_manual": eager.step_ms_manual,
+                "step_ms_autograd": eager.step_ms_autograd,
+                "ratio_manual": eager.step_ratio,
+                "step_ms_direct": direct["step_ms_direct"],
+                "ratio_direct": direct["ratio"],
+            }
+        )
+        print(f"  sweep batch {batch}: manual {eager.step_ratio:.3f}, direct {direct['ratio']:.3f}")
+    return rows
+
+
+def plot_batch_sweep(rows: Sequence[dict[str, float]], out: str) -> None:
+    """Step time (ms, log-log) against batch size for manual, direct and autograd."""
+    from manualbp.tools.figures import _pyplot, _save
+
+    plt = _pyplot()
+    fig, (times, ratios) = plt.subplots(1, 2, figsize=(10, 4))
+    batches = [row["batch"] for row in rows]
+    for key, label in (
+        ("step_ms_autograd", "builtin autograd"),
+        ("step_ms_manual", "manual (eager)"),
+        ("step_ms_direct", "manual (direct)"),
+    ):
+        times.plot(batches, [row[key] for row in rows], marker="o", label=label)
+    times.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per training step")
+    times.set_title("784-200-10 ReLU step (forward, backward, SGD)")
+    times.legend()
+    ratios.plot(batches, [row["ratio_manual"] for row in rows], marker="o", label="eager")
+    ratios.plot(batches, [row["ratio_direct"] for row in rows], marker="o", label="direct")
+    ratios.axhline(1.0, color="gray", linewidth=0.8)
+    ratios.set(xscale="log", xlabel="batch size", ylabel="manual / autograd (median)")
+    ratios.set_title("ratio to builtin autograd, interleaved")
+    ratios.legend()
+    _save(fig, Path(out))
 
 
 def measure_compiled(
@@ -665,6 +720,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--no-lightning-epoch", dest="lightning_epoch", action="store_false")
     parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="step time of 784-200-10 against batch size (manual, direct, autograd) instead",
+    )
+    parser.add_argument("--plot", default=None, help="with --sweep: write the figure here")
+    parser.add_argument(
+        "--harness",
+        action="store_true",
+        help="time an experiment through `manualbp fit` against a plain loop of the same work",
+    )
+    parser.add_argument("--harness-config", default="experiments/mnist_mlp.yaml")
+    parser.add_argument(
         "--no-direct", dest="direct", action="store_false", help="skip the direct-backprop path"
     )
     parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
@@ -712,6 +779,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     silence_third_party_noise()
     args = parse_args(argv)
+    if args.harness:
+        from manualbp.tools.harness import measure_harness
+
+        extra = [f"--data.init_args.data_dir={args.data_dir}"] if args.data_dir else []
+        extra.append("--trainer.enable_progress_bar=false")
+        harness = measure_harness(args.harness_config, extra)
+        print(json.dumps(harness, indent=2))
+        return {"harness": harness}
+    if args.sweep:
+        device = torch.device(args.device)
+        rows = batch_sweep(
+            device, SWEEP_BATCHES, warmup=args.warmup, steps=args.steps, repeats=args.repeats
+        )
+        print(json.dumps(rows, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        if args.plot:
+            plot_batch_sweep(rows, args.plot)
+        return {"sweep": rows}
     results = run_benchmarks(args)
     table = to_markdown(results)
     print(table)

@@ -1,0 +1,145 @@
+"""What the Lightning harness costs around an experiment's own work.
+
+``measure_harness(config)`` runs ``manualbp fit --config CONFIG`` in this process (fit, then
+test, as the command does) with a :class:`RunClock` callback, then times the same work in a
+plain loop: every training step of both twins (forward, loss, backward, optimizer step),
+the gradient check every ``check_every_n_steps`` steps, and the forward passes of each
+validation and of the test, on the same batches. Reported:
+
+* ``startup_s``: from building the CLI (config parsing, MNIST loading) to the fit's start;
+* ``run_s``: from the fit's start to the end of the test;
+* ``pure_s``: the plain loop's time for that same work;
+* ``overhead_s = run_s - pure_s`` and ``overhead_fraction = overhead_s / run_s``: what the
+  harness (Lightning's loops, hooks, logging, TensorBoard, checkpoints, summaries) adds.
+
+``python scripts/benchmark.py --harness`` runs it on ``experiments/mnist_mlp.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+from manualbp.compare import compare_gradients
+
+__all__ = ["RunClock", "measure_harness", "plain_loop_seconds"]
+
+
+class RunClock(Callback):
+    """Wall-clock marks of a run: the fit's start and the end of the last test batch, and the
+    number of training steps and of validation and test batches."""
+
+    def __init__(self) -> None:
+        self.fit_start = self.test_end = 0.0
+        self.steps = 0
+        self.validations: list[int] = []  # batches per validation run (sanity check excluded)
+        self.test_batches = 0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.fit_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps += 1
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.validations.append(0)
+
+    def on_validation_batch_end(self, trainer, pl_module, *args) -> None:
+        if not trainer.sanity_checking:
+            self.validations[-1] += 1
+
+    def on_test_batch_end(self, trainer, pl_module, *args) -> None:
+        self.test_batches += 1
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.test_end = time.perf_counter()
+
+
+def _batches(loader: Iterable, count: int) -> Iterable:
+    """``count`` batches from ``loader``, starting it again whenever it ends."""
+    produced = 0
+    while produced < count:
+        for batch in loader:
+            if produced == count:
+                return
+            yield batch
+            produced += 1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_loop_seconds(module, datamodule, clock: RunClock, optimizer_factory) -> float:
+    """Seconds a plain Python loop takes for the work ``clock`` counted in the run, on copies
+    of ``module``'s twins: training steps of the twins it trains (with a gradient check every
+    ``check_every_n_steps`` unless ``compare="off"``), validation and test forward passes of
+    both twins."""
+    manual, autograd = copy.deepcopy(module.manual_model), copy.deepcopy(module.autograd_model)
+    manual_loss, autograd_loss = module.manual_loss, module.autograd_loss
+    optimizers = [optimizer_factory(manual.parameters()), optimizer_factory(autograd.parameters())]
+    device = next(manual.parameters()).device
+    every = module.hparams.check_every_n_steps if module.hparams.compare != "off" else 0
+    twins = 2 if module.hparams.compare == "lockstep" else 1  # trained twins
+    _sync(device)
+    start = time.perf_counter()
+    for step, (inputs, targets) in enumerate(_batches(datamodule.train_dataloader(), clock.steps)):
+        if every and step % every == 0:
+            compare_gradients(manual, autograd, manual_loss, autograd_loss, inputs, targets)
+        for model, loss_fn, optimizer in list(
+            zip((manual, autograd), (manual_loss, autograd_loss), optimizers, strict=True)
+        )[:twins]:
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(inputs), targets).backward()
+            optimizer.step()
+    evaluations = [(datamodule.val_dataloader(), n) for n in clock.validations]
+    evaluations.append((datamodule.test_dataloader(), clock.test_batches))
+    with torch.no_grad():
+        for loader, count in evaluations:
+            for inputs, targets in _batches(loader, count):
+                for model, loss_fn in ((manual, manual_loss), (autograd, autograd_loss)):
+                    outputs = model(inputs)
+                    loss_fn(outputs, targets)
+                    (outputs.argmax(1) == targets).float().mean()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure_harness(
+    config: str = "experiments/mnist_mlp.yaml", extra_args: Sequence[str] = ()
+) -> dict[str, float]:
+    """Run ``manualbp fit --config config`` (plus ``extra_args``) and the plain loop of the
+    same work; the timings described in the module docstring."""
+    from manualbp.train.cli import cli_main
+
+    with tempfile.TemporaryDirectory() as runs:
+        args = [
+            "fit",
+            "--config",
+            config,
+            f"--trainer.logger.init_args.save_dir={Path(runs)}",
+            "--trainer.callbacks+=manualbp.tools.harness.RunClock",
+            *extra_args,
+        ]
+        started = time.perf_counter()
+        cli = cli_main(args)
+        clock = next(c for c in cli.trainer.callbacks if isinstance(c, RunClock))
+        pure = plain_loop_seconds(cli.model, cli.datamodule, clock, cli.model.optimizer_factory)
+    run = clock.test_end - clock.fit_start
+    return {
+        "config": config,
+        "steps": clock.steps,
+        "startup_s": clock.fit_start - started,
+        "run_s": run,
+        "pure_s": pure,
+        "overhead_s": run - pure,
+        "overhead_fraction": (run - pure) / run,
+    }
