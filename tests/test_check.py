@@ -478,6 +478,33 @@ def _manualbp_cases() -> list[Any]:
             {"reduction": "sum"},
             id="mse_loss-sum-fixed-target",
         ),
+        pytest.param(
+            MF.conv2d,
+            F.conv2d,
+            (r(2, 3, 7, 7), r(4, 3, 3, 3), r(4)),
+            {"stride": 2, "padding": 1},
+            id="conv2d",
+        ),
+        pytest.param(
+            MF.max_pool2d, F.max_pool2d, (r(2, 3, 8, 8),), {"kernel_size": 2}, id="max_pool2d"
+        ),
+        pytest.param(
+            MF.avg_pool2d,
+            F.avg_pool2d,
+            (r(2, 3, 8, 8),),
+            {"kernel_size": 3, "stride": 2, "padding": 1},
+            id="avg_pool2d",
+        ),
+        pytest.param(
+            MF.batch_norm,
+            F.batch_norm,
+            (r(6, 4, 3), None, None, r(4), r(4)),
+            {"training": True},
+            id="batch_norm",
+        ),
+        pytest.param(MF.layer_norm, F.layer_norm, (r(5, 6), (6,), r(6), r(6)), {}, id="layer_norm"),
+        pytest.param(MF.log_softmax, F.log_softmax, (r(5, 6),), {"dim": 1}, id="log_softmax"),
+        pytest.param(MF.softmax, F.softmax, (r(5, 6),), {"dim": -1}, id="softmax"),
     ]
 
 
