@@ -314,31 +314,6 @@ def batch_sweep(
     return rows
 
 
-def plot_batch_sweep(rows: Sequence[dict[str, float]], out: str) -> None:
-    """Step time (ms, log-log) against batch size for manual, direct and autograd."""
-    from manualbp.tools.figures import _pyplot, _save
-
-    plt = _pyplot()
-    fig, (times, ratios) = plt.subplots(1, 2, figsize=(10, 4))
-    batches = [row["batch"] for row in rows]
-    for key, label in (
-        ("step_ms_autograd", "builtin autograd"),
-        ("step_ms_manual", "manual (eager)"),
-        ("step_ms_direct", "manual (direct)"),
-    ):
-        times.plot(batches, [row[key] for row in rows], marker="o", label=label)
-    times.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per training step")
-    times.set_title("784-200-10 ReLU step (forward, backward, SGD)")
-    times.legend()
-    ratios.plot(batches, [row["ratio_manual"] for row in rows], marker="o", label="eager")
-    ratios.plot(batches, [row["ratio_direct"] for row in rows], marker="o", label="direct")
-    ratios.axhline(1.0, color="gray", linewidth=0.8)
-    ratios.set(xscale="log", xlabel="batch size", ylabel="manual / autograd (median)")
-    ratios.set_title("ratio to builtin autograd, interleaved")
-    ratios.legend()
-    _save(fig, Path(out))
-
-
 def measure_compiled(
     case: BenchmarkCase, device: torch.device, *, warmup: int, steps: int, repeats: int
 ) -> dict[str, float]:
@@ -796,7 +771,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         if args.plot:
-            plot_batch_sweep(rows, args.plot)
+            from manualbp.tools.figures import plot_step_time_vs_batch
+
+            plot_step_time_vs_batch(rows, Path(args.plot))
         return {"sweep": rows}
     results = run_benchmarks(args)
     table = to_markdown(results)

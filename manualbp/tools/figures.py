@@ -399,3 +399,27 @@ def plot_test_error(rows: Sequence[ResultRow], out: Path) -> bool:
     fig.tight_layout()
     _save(fig, out)
     return True
+
+
+def plot_step_time_vs_batch(rows: Sequence[dict[str, float]], out: Path) -> None:
+    """Step time (ms, log-log) against batch size for manual, direct and autograd, and their
+    ratios to autograd: ``rows`` as ``manualbp.tools.benchmark.batch_sweep`` returns them."""
+    plt = _pyplot()
+    fig, (times, ratios) = plt.subplots(1, 2, figsize=(10, 4))
+    batches = [row["batch"] for row in rows]
+    for key, label in (
+        ("step_ms_autograd", "builtin autograd"),
+        ("step_ms_manual", "manual (eager)"),
+        ("step_ms_direct", "manual (direct)"),
+    ):
+        times.plot(batches, [row[key] for row in rows], marker="o", label=label)
+    times.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per training step")
+    times.set_title("784-200-10 ReLU step (forward, backward, SGD)")
+    times.legend()
+    ratios.plot(batches, [row["ratio_manual"] for row in rows], marker="o", label="eager")
+    ratios.plot(batches, [row["ratio_direct"] for row in rows], marker="o", label="direct")
+    ratios.axhline(1.0, color="gray", linewidth=0.8)
+    ratios.set(xscale="log", xlabel="batch size", ylabel="manual / autograd (median)")
+    ratios.set_title("ratio to builtin autograd, interleaved")
+    ratios.legend()
+    _save(fig, out)
