@@ -1016,8 +1016,7 @@ class LogSoftmaxFunction(Function):
         (y,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None
-        g, y32 = opmath(grad_output), opmath(y)  # (*), (*)
-        grad_input = g - y32.exp() * g.sum(ctx.dim, keepdim=True)  # (*)  softmax · Σ g
+        grad_input = _log_softmax_vjp(grad_output, y, ctx.dim)  # (*)  g - softmax · Σ g
         return grad_input.to(grad_output.dtype), None
 
 
