@@ -58,7 +58,7 @@ from typing import Any, Literal
 
 import torch
 
-from manualbp.compare import agreement
+from manualbp.compare import agreement, custom_function_nodes
 
 __all__ = [
     "CUDA_TOLERANCES",
@@ -1022,21 +1022,6 @@ def _saved_tensors(s: _Subject) -> PropertyResult:
     return PropertyResult(name, "passed", "; ".join(parts), _worst(comparisons), tuple(comparisons))
 
 
-def _custom_function_nodes(outputs: Sequence[torch.Tensor]) -> list[Any]:
-    """The autograd nodes of custom Functions in the graph of ``outputs``."""
-    found, seen = [], set()
-    pending = [o.grad_fn for o in outputs]
-    while pending:
-        node = pending.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
-            found.append(node)
-        pending.extend(next_node for next_node, _ in node.next_functions)
-    return found
-
-
 def _needs_input_grad(s: _Subject) -> PropertyResult:
     name = "needs_input_grad"
     variants = [s.args]  # as given, then with each differentiable input frozen in turn
@@ -1054,7 +1039,7 @@ def _needs_input_grad(s: _Subject) -> PropertyResult:
             return _skipped(name, f"fn raised (see forward): {_brief(error)}")
         if not run.differentiable:
             continue
-        for node in _custom_function_nodes(run.outputs):
+        for node in custom_function_nodes(*run.outputs):
             function = type(node).__name__.removesuffix("Backward")
             functions.add(function)
             frozen = [k for k, (edge, _) in enumerate(node.next_functions) if edge is None]

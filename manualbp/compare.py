@@ -41,6 +41,7 @@ __all__ = [
     "GradientReport",
     "agreement",
     "compare_gradients",
+    "custom_function_nodes",
     "custom_functions",
     "forked_rng",
     "gradients_at",
@@ -111,21 +112,27 @@ def _loss_gradients_and_functions(
     return loss.detach(), dict(zip(leaves, grads, strict=True)), functions
 
 
-def custom_functions(output: torch.Tensor) -> tuple[str, ...]:
-    """The ``torch.autograd.Function`` classes (handwritten backward passes) that ``output``'s
-    autograd graph runs through, by name, sorted; ``()`` for a graph of builtin ops only."""
-    found: set[str] = set()
-    seen: set[int] = set()
-    pending = [output.grad_fn]
+def custom_function_nodes(*outputs: torch.Tensor) -> list[torch.autograd.graph.Node]:
+    """The autograd nodes of ``torch.autograd.Function`` classes (handwritten backward passes)
+    in the graph of ``outputs``, each once."""
+    found, seen = [], set()
+    pending = [output.grad_fn for output in outputs]
     while pending:
         node = pending.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
         if isinstance(node, torch.autograd.function.BackwardCFunction):
-            found.add(type(node).__name__.removesuffix("Backward"))
+            found.append(node)
         pending.extend(next_node for next_node, _ in node.next_functions)
-    return tuple(sorted(found))
+    return found
+
+
+def custom_functions(output: torch.Tensor) -> tuple[str, ...]:
+    """The ``torch.autograd.Function`` classes (handwritten backward passes) that ``output``'s
+    autograd graph runs through, by name, sorted; ``()`` for a graph of builtin ops only."""
+    names = {type(node).__name__.removesuffix("Backward") for node in custom_function_nodes(output)}
+    return tuple(sorted(names))
 
 
 def ulp(reference: torch.Tensor) -> torch.Tensor:
