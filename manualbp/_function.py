@@ -9,8 +9,10 @@ forward+backward on the CPU with torch 2.14), more than the kernels of a small l
 
 So in eager mode :func:`apply` runs the Function's *classic form*: a classic-style Function
 whose ``forward`` calls the original ``forward`` and ``setup_context`` and whose ``backward`` is
-the original ``backward`` — the same code, no formula written twice. Under ``torch.compile`` or
-a ``torch.func`` transform it calls the Function's own ``apply``. Both give identical results.
+the original ``backward`` — the same code, no formula written twice (a ``backward`` replaced on
+the Function, a patch or a planted mistake, is picked up: the form is rebuilt). Under
+``torch.compile`` or a ``torch.func`` transform it calls the Function's own ``apply``. Both
+give identical results.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
-from manualbp.direct import recording
+from manualbp.direct import _TAPE
 
 __all__ = ["apply", "classic_form"]
 
@@ -27,9 +29,9 @@ _CLASSIC_FORMS: dict[type[Function], type[Function]] = {}
 
 def classic_form(function: type[Function]) -> type[Function]:
     """``function`` as a classic-style Function running its own forward, setup_context and
-    backward (built once per Function, then cached)."""
+    backward (built once per Function and ``backward``, then cached)."""
     form = _CLASSIC_FORMS.get(function)
-    if form is None:
+    if form is None or form.backward is not function.backward:
         form = _CLASSIC_FORMS[function] = _build_classic_form(function)
     return form
 
@@ -40,15 +42,12 @@ def _build_classic_form(function: type[Function]) -> type[Function]:
         function.setup_context(ctx, inputs, output)
         return output
 
-    def backward(ctx, *grad_outputs):
-        return function.backward(ctx, *grad_outputs)  # looked up per call: patches apply to both
-
     namespace = {
         "__doc__": f"{function.__name__} in the classic forward(ctx, ...) style (faster apply).",
         "__module__": function.__module__,
         "__qualname__": f"{function.__qualname__}.classic_form",
         "forward": staticmethod(forward),
-        "backward": staticmethod(backward),
+        "backward": staticmethod(function.backward),
     }
     # Built with type() so that the class, and the node autograd names after it, carry the
     # Function's own name: graphs show ``LinearFunctionBackward`` either way.
@@ -62,7 +61,10 @@ def apply(function: type[Function], *inputs):
     setup_context without autograd."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return function.apply(*inputs)
-    tape = recording()
+    tape = _TAPE.get()
     if tape is not None:
         return tape.apply(function, *inputs)
-    return classic_form(function).apply(*inputs)
+    form = _CLASSIC_FORMS.get(function)
+    if form is None or form.backward is not function.backward:
+        form = classic_form(function)
+    return form.apply(*inputs)

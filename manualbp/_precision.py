@@ -52,10 +52,18 @@ def mm_in_layout(a: torch.Tensor, b: torch.Tensor, column_major: bool) -> torch.
     return a.mm(b)
 
 
+_AUTOCAST_AVAILABLE: dict[str, bool] = {}  # device type -> whether torch.autocast exists for it
+_NO_AUTOCAST = contextlib.nullcontext()
+
+
 def autocast_enabled(device_type: str) -> bool:
     """Whether ``torch.autocast`` is on for ``device_type`` (False for devices without
     autocast, such as ``meta``)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:
+        available = torch.amp.is_autocast_available(device_type)
+        _AUTOCAST_AVAILABLE[device_type] = available
+    return available and torch.is_autocast_enabled(device_type)
 
 
 def remember_autocast_state(ctx, tensor: torch.Tensor) -> None:
@@ -70,7 +78,7 @@ def remember_autocast_state(ctx, tensor: torch.Tensor) -> None:
 def replay_autocast_state(ctx) -> contextlib.AbstractContextManager:
     """A context manager that re-enters the autocast state stored by the forward."""
     if not ctx.autocast_enabled:
-        return contextlib.nullcontext()
+        return _NO_AUTOCAST
     return torch.autocast(ctx.autocast_device_type, dtype=ctx.autocast_dtype)
 
 

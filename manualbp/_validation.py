@@ -36,6 +36,14 @@ def check_real(tensor: torch.Tensor, name: str, function: str) -> None:
         )
 
 
+def check_real_tensor(value: object, name: str, function: str) -> None:
+    """``value`` is a tensor of a real dtype (:func:`check_tensor`, then :func:`check_real`)."""
+    if isinstance(value, torch.Tensor) and not value.is_complex():
+        return
+    check_tensor(value, name, function)
+    check_real(value, name, function)
+
+
 def check_floating(tensor: torch.Tensor, name: str, function: str) -> None:
     if not tensor.is_floating_point():
         raise RuntimeError(
@@ -69,6 +77,18 @@ def resolve_reduction(
 
 
 def check_linear_args(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if (  # the common case at the cost of one expression; anything else is explained below
+        isinstance(input, torch.Tensor)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and input.dim() > 0
+        and input.shape[-1] == weight.shape[1]
+        and input.dtype == weight.dtype
+        and not weight.is_complex()
+        and (bias is None or (isinstance(bias, torch.Tensor) and bias.shape == weight.shape[:1]))
+        and (bias is None or not bias.is_complex())
+    ):
+        return
     check_tensor(input, "input", "linear")
     check_tensor(weight, "weight", "linear")
     check_real(input, "input", "linear")
@@ -116,6 +136,23 @@ def check_cross_entropy_args(
     input's shape, as torch decides) rather than class indices; and, for class indices,
     whether some target may equal ``ignore_index`` (see :func:`check_class_range`).
     """
+    if (  # the common case, (N, C) logits and (N,) classes, at the cost of one expression
+        size_average is None
+        and reduce is None
+        and weight is None
+        and type(label_smoothing) in (float, int)
+        and label_smoothing == 0
+        and reduction in REDUCTIONS
+        and type(ignore_index) is int
+        and isinstance(input, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and input.dim() == 2
+        and target.dim() == 1
+        and input.shape[0] == target.shape[0]
+        and target.dtype == torch.int64
+        and input.is_floating_point()
+    ):
+        return reduction, False, check_class_range(target, input.shape[1], ignore_index)
     reduction = resolve_reduction(reduction, size_average, reduce, "cross_entropy")
     check_tensor(input, "input", "cross_entropy")
     check_tensor(target, "target", "cross_entropy")
@@ -227,11 +264,9 @@ def check_class_range(target: torch.Tensor, num_classes: int, ignore_index: int)
     transform wraps the target, where a data-dependent Python branch is impossible; there
     the kernel itself still rejects bad indices.
     """
-    if target.device.type != "cpu" or torch.compiler.is_compiling():
+    if not target.is_cpu or torch.compiler.is_compiling():
         return True
-    if torch._C._functorch.is_functorch_wrapped_tensor(target):
-        return True
-    if target.numel() == 0:
+    if torch._C._functorch.is_functorch_wrapped_tensor(target) or target.numel() == 0:
         return True
     low, high = (int(v) for v in torch.aminmax(target))
     if low >= 0 and high < num_classes:

@@ -62,7 +62,7 @@ class DirectContext:
 
     def save_for_backward(self, *tensors: Any) -> None:
         self._saved = tensors
-        self._versions = tuple(-1 if t is None else t._version for t in tensors)
+        self._versions = tuple([-1 if t is None else t._version for t in tensors])
 
     @property
     def saved_tensors(self) -> tuple[Any, ...]:
@@ -100,7 +100,14 @@ class Tape:
 
     def apply(self, function: Any, *inputs: Any) -> Any:
         """Run ``function``'s forward and ``setup_context`` and keep them for the backward."""
-        needs = tuple(isinstance(x, torch.Tensor) and self._tracks(x, function) for x in inputs)
+        differentiable = self._differentiable
+        needs = tuple(
+            [
+                isinstance(x, torch.Tensor)
+                and (id(x) in differentiable or self._refuse_if_computed(x, function))
+                for x in inputs
+            ]
+        )
         ctx = DirectContext(needs)
         grad_mode = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
@@ -115,16 +122,17 @@ class Tape:
             for tensor in outputs:
                 if isinstance(tensor, torch.Tensor) and id(tensor) not in skip:
                     self._differentiable.add(id(tensor))
-                    # Marks the output for the refusal check in _tracks: an op outside the
-                    # Functions applied to it makes a tensor with a grad_fn.
+                    # Marks the output for the refusal check (_refuse_if_computed): an op outside
+                    # the Functions applied to it makes a tensor with a grad_fn.
                     if grad_mode and tensor.is_floating_point() and not tensor.requires_grad:
                         tensor.requires_grad_(True)
         self.entries.append((function, ctx, inputs, outputs))
         return output
 
-    def _tracks(self, tensor: torch.Tensor, function: Any) -> bool:
-        if id(tensor) in self._differentiable:
-            return True
+    @staticmethod
+    def _refuse_if_computed(tensor: torch.Tensor, function: Any) -> bool:
+        """False (not differentiated) for a tensor from outside the tape; raises for one
+        computed from a parameter outside the Functions, whose gradient is lost."""
         if tensor.grad_fn is not None:
             raise RuntimeError(
                 f"direct backprop: an input of {function.__name__} was computed by "

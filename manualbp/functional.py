@@ -37,8 +37,7 @@ from manualbp._validation import (
     check_dropout_args,
     check_linear_args,
     check_mse_args,
-    check_real,
-    check_tensor,
+    check_real_tensor,
     is_tracing,
 )
 
@@ -64,23 +63,24 @@ class LinearFunction(Function):
         # x only for dW, W only for dX: a frozen layer saves nothing extra.
         ctx.save_for_backward(input if needs_weight else None, weight if needs_input else None)
         # The matmul order torch's backward picks for these layouts (see mm_in_layout).
-        ctx.grad_input_column_major = is_column_major(input)
-        ctx.grad_weight_column_major = not is_row_major(weight)
+        ctx.grad_input_column_major = needs_input and is_column_major(input)
+        ctx.grad_weight_column_major = needs_weight and not is_row_major(weight)
         remember_autocast_state(ctx, input)
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad
         grad_input = grad_weight = grad_bias = None
         with replay_autocast_state(ctx):
             G = _as_rows(grad_output)  # (N, out)
-            if ctx.needs_input_grad[0]:
+            if needs_input:
                 dX = mm_in_layout(G, weight, ctx.grad_input_column_major)  # (N, in)
                 grad_input = _unflatten_rows(dX, grad_output)  # (*, in)
-            if ctx.needs_input_grad[1]:
+            if needs_weight:
                 X = _as_rows(input)  # (N, in)
                 grad_weight = mm_in_layout(G.t(), X, ctx.grad_weight_column_major)  # (out, in)
-            if ctx.needs_input_grad[2]:
+            if needs_bias:
                 grad_bias = G.sum(0)  # (out,)
         return grad_input, grad_weight, grad_bias
 
@@ -176,7 +176,7 @@ class ReLUFunction(Function):
         (y,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None
-        if grad_output.device.type != "cpu":
+        if not grad_output.is_cpu:
             return torch.where(y <= 0, 0.0, grad_output), None  # (*)  torch's: 0 where y <= 0
         # The same rule on the CPU, where a float mask multiplies several times faster than a
         # boolean one selects: [y > 0] = sign(y), with a NaN y counted as passing g, as torch
@@ -250,7 +250,7 @@ class CrossEntropyFunction(Function):
         if grad_log_probs is not None:  # double backward: the log-softmax Jacobian
             dlogp = _log_softmax_vjp(grad_log_probs, log_probs, class_dim)  # like input
             grad_input = dlogp if grad_input is None else grad_input + dlogp  # like input
-        if grad_input is not None:
+        if grad_input is not None and grad_input.dtype != log_probs.dtype:
             grad_input = grad_input.to(log_probs.dtype)
         return grad_input, None, None, None, None, None
 
@@ -1058,15 +1058,13 @@ def linear(
 
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
     """Logistic sigmoid of ``input (*)`` → ``(*)``, handwritten backward."""
-    check_tensor(input, "input", "sigmoid")
-    check_real(input, "input", "sigmoid")
+    check_real_tensor(input, "input", "sigmoid")
     return apply(SigmoidFunction, input)
 
 
 def tanh(input: torch.Tensor) -> torch.Tensor:
     """Hyperbolic tangent of ``input (*)`` → ``(*)``, handwritten backward."""
-    check_tensor(input, "input", "tanh")
-    check_real(input, "input", "tanh")
+    check_real_tensor(input, "input", "tanh")
     return apply(TanhFunction, input)
 
 
@@ -1077,8 +1075,7 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     errors included: a leaf that requires grad is refused, and a backward through an earlier
     op that saved ``input`` fails on its version counter).
     """
-    check_tensor(input, "input", "relu")
-    check_real(input, "input", "relu")
+    check_real_tensor(input, "input", "relu")
     if inplace and is_tracing():
         # torch.compile and torch.func cannot trace a Function that marks its input dirty:
         # there the same Function runs out of place and is copied back into input.
@@ -1195,8 +1192,7 @@ def max_pool2d(
     """Maximum over each window of ``input (N, C, H, W)`` or ``(C, H, W)`` → ``(*, C, Ho, Wo)``
     (and the argmax positions, flat in each plane, with ``return_indices``), handwritten
     backward. ``stride`` defaults to ``kernel_size``."""
-    check_tensor(input, "input", "max_pool2d")
-    check_real(input, "input", "max_pool2d")
+    check_real_tensor(input, "input", "max_pool2d")
     output, indices = apply(
         MaxPool2dFunction, input, kernel_size, stride, padding, dilation, ceil_mode
     )
@@ -1214,8 +1210,7 @@ def avg_pool2d(
 ) -> torch.Tensor:
     """Mean over each window of ``input (N, C, H, W)`` or ``(C, H, W)`` → ``(*, C, Ho, Wo)``,
     handwritten backward. ``stride`` defaults to ``kernel_size``."""
-    check_tensor(input, "input", "avg_pool2d")
-    check_real(input, "input", "avg_pool2d")
+    check_real_tensor(input, "input", "avg_pool2d")
     return apply(
         AvgPool2dFunction,
         input,
@@ -1262,8 +1257,7 @@ def layer_norm(
     """Layer normalization of ``input (*, *normalized_shape)`` over its last
     ``len(normalized_shape)`` dimensions → same shape, handwritten backward; ``weight`` and
     ``bias`` have shape ``normalized_shape``."""
-    check_tensor(input, "input", "layer_norm")
-    check_real(input, "input", "layer_norm")
+    check_real_tensor(input, "input", "layer_norm")
     output, _, _ = apply(LayerNormFunction, input, normalized_shape, weight, bias, eps)
     return output
 
@@ -1296,8 +1290,7 @@ def log_softmax(
 ) -> torch.Tensor:
     """``input - logsumexp(input, dim)`` of ``input (*)`` → ``(*)``, handwritten backward;
     ``dtype`` casts the input first, as torch does."""
-    check_tensor(input, "input", "log_softmax")
-    check_real(input, "input", "log_softmax")
+    check_real_tensor(input, "input", "log_softmax")
     if dim is None:
         dim = _implicit_softmax_dim("log_softmax", input.dim(), _stacklevel)
     input = input if dtype is None else input.to(dtype)
@@ -1312,8 +1305,7 @@ def softmax(
 ) -> torch.Tensor:
     """``exp(input) / Σ_dim exp(input)`` of ``input (*)`` → ``(*)``, handwritten backward;
     ``dtype`` casts the input first, as torch does."""
-    check_tensor(input, "input", "softmax")
-    check_real(input, "input", "softmax")
+    check_real_tensor(input, "input", "softmax")
     if dim is None:
         dim = _implicit_softmax_dim("softmax", input.dim(), _stacklevel)
     input = input if dtype is None else input.to(dtype)
