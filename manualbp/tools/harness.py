@@ -10,7 +10,11 @@ validation and of the test, on the same batches. Reported:
 * ``run_s``: from the fit's start to the end of the test;
 * ``pure_s``: the plain loop's time for that same work;
 * ``overhead_s = run_s - pure_s`` and ``overhead_fraction = overhead_s / run_s``: what the
-  harness (Lightning's loops, hooks, logging, TensorBoard, checkpoints, summaries) adds.
+  harness (Lightning's loops, hooks, logging, TensorBoard, checkpoints, summaries) adds;
+* ``lightning_floor_s``: what Lightning's training loop alone costs for the same number of
+  steps (:func:`lightning_loop_seconds_per_step`: a one-parameter module, no logger, no
+  callbacks), with automatic optimization as the run uses, and ``lightning_floor_fraction``
+  of the run: the part of the overhead no LightningModule can remove.
 
 ``python scripts/benchmark.py --harness`` runs it on ``experiments/mnist_mlp.yaml``.
 """
@@ -18,17 +22,19 @@ validation and of the test, on the same batches. Reported:
 from __future__ import annotations
 
 import copy
+import itertools
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 from manualbp.compare import compare_gradients
 
-__all__ = ["RunClock", "measure_harness", "plain_loop_seconds"]
+__all__ = ["RunClock", "lightning_loop_seconds_per_step", "measure_harness", "plain_loop_seconds"]
 
 
 class RunClock(Callback):
@@ -113,6 +119,71 @@ def plain_loop_seconds(module, datamodule, clock: RunClock, optimizer_factory) -
     return time.perf_counter() - start
 
 
+class _Repeat:
+    """An iterable of ``count`` times the same ``batch``, with a length (a training loader
+    without the costs of a DataLoader)."""
+
+    def __init__(self, batch: Any, count: int) -> None:
+        self.batch, self.count = batch, count
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.repeat(self.batch, self.count)
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class _OneParameter(LightningModule):
+    """The smallest training step: one parameter, one multiply, SGD."""
+
+    def __init__(self, automatic: bool) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.automatic_optimization = automatic
+
+    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        loss = (self.weight * batch[0]).sum()  # ()
+        if self.automatic_optimization:
+            return loss
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return None
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def lightning_loop_seconds_per_step(steps: int = 2000, automatic: bool = True) -> float:
+    """Seconds per step of Lightning's training loop around the smallest possible step (a
+    one-parameter module; no logger, callbacks, progress bar or checkpoints), minus that
+    step run in a plain loop: the per-step cost of the loop itself on this machine."""
+    batches = _Repeat((torch.ones(1),), steps)
+    trainer = Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    clock = RunClock()
+    trainer.callbacks.append(clock)
+    start = time.perf_counter()
+    trainer.fit(_OneParameter(automatic), train_dataloaders=batches)
+    looped = time.perf_counter() - start
+    module = _OneParameter(automatic)
+    optimizer = module.configure_optimizers()
+    start = time.perf_counter()
+    for (ones,) in batches:
+        optimizer.zero_grad()
+        (module.weight * ones).sum().backward()
+        optimizer.step()
+    plain = time.perf_counter() - start
+    return (looped - plain) / steps
+
+
 def measure_harness(
     config: str = "experiments/mnist_mlp.yaml", extra_args: Sequence[str] = ()
 ) -> dict[str, float]:
@@ -134,6 +205,7 @@ def measure_harness(
         clock = next(c for c in cli.trainer.callbacks if isinstance(c, RunClock))
         pure = plain_loop_seconds(cli.model, cli.datamodule, clock, cli.model.optimizer_factory)
     run = clock.test_end - clock.fit_start
+    floor = lightning_loop_seconds_per_step() * clock.steps
     return {
         "config": config,
         "steps": clock.steps,
@@ -142,4 +214,6 @@ def measure_harness(
         "pure_s": pure,
         "overhead_s": run - pure,
         "overhead_fraction": (run - pure) / run,
+        "lightning_floor_s": floor,
+        "lightning_floor_fraction": floor / run,
     }
