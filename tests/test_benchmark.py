@@ -101,3 +101,19 @@ def test_harness_overhead_is_the_run_minus_a_plain_loop_of_the_same_work(mnist_r
     assert timings["startup_s"] > 0 and timings["run_s"] > 0 and timings["pure_s"] > 0
     assert timings["overhead_s"] == pytest.approx(timings["run_s"] - timings["pure_s"])
     assert timings["overhead_fraction"] == pytest.approx(timings["overhead_s"] / timings["run_s"])
+    assert 0 < timings["lightning_floor_s"] < timings["run_s"]
+    assert timings["lightning_floor_fraction"] == pytest.approx(
+        timings["lightning_floor_s"] / timings["run_s"]
+    )
+
+
+def test_bounds_time_a_node_of_each_kind_a_python_op_call_and_a_lightning_step() -> None:
+    from manualbp.tools.bounds import node_costs, op_call_us
+    from manualbp.tools.harness import lightning_loop_seconds_per_step
+
+    costs = node_costs(length=4, calls=20, repeats=3)
+    assert set(costs) == {"builtin op", "classic Function", "setup_context Function"}
+    assert op_call_us(calls=100, repeats=3) > 0
+    for automatic in (True, False):
+        # a difference of two timings: positive in practice, but only its finiteness is certain
+        assert math.isfinite(lightning_loop_seconds_per_step(steps=50, automatic=automatic))

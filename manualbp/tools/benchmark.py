@@ -707,6 +707,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--harness-config", default="experiments/mnist_mlp.yaml")
     parser.add_argument(
+        "--bounds",
+        action="store_true",
+        help="the host cost of one autograd.Function node and of one Lightning step",
+    )
+    parser.add_argument(
         "--no-direct", dest="direct", action="store_false", help="skip the direct-backprop path"
     )
     parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
@@ -762,6 +767,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
         harness = measure_harness(args.harness_config, extra)
         print(json.dumps(harness, indent=2))
         return {"harness": harness}
+    if args.bounds:
+        from manualbp.tools.bounds import node_costs, op_call_us
+        from manualbp.tools.harness import lightning_loop_seconds_per_step
+
+        bounds = {
+            "node_us": node_costs(),
+            "python_op_call_us": op_call_us(),
+            "lightning_step_us": {
+                "automatic optimization": lightning_loop_seconds_per_step(automatic=True) * 1e6,
+                "manual optimization": lightning_loop_seconds_per_step(automatic=False) * 1e6,
+            },
+        }
+        print(json.dumps(bounds, indent=2))
+        return {"bounds": bounds}
     if args.sweep:
         device = torch.device(args.device)
         rows = batch_sweep(
