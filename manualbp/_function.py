@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
-from manualbp.direct import _TAPE
+from manualbp.direct import recording
 
 __all__ = ["apply", "classic_form"]
 
@@ -61,10 +61,7 @@ def apply(function: type[Function], *inputs):
     setup_context without autograd."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return function.apply(*inputs)
-    tape = _TAPE.get()
+    tape = recording()
     if tape is not None:
         return tape.apply(function, *inputs)
-    form = _CLASSIC_FORMS.get(function)
-    if form is None or form.backward is not function.backward:
-        form = classic_form(function)
-    return form.apply(*inputs)
+    return classic_form(function).apply(*inputs)
