@@ -16,7 +16,8 @@ import contextlib
 
 import torch
 
-_LOWER_PRECISION = (torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+"""The half-precision dtypes, which torch's CPU kernels compute in float32 ("opmath")."""
 
 
 def opmath(tensor: torch.Tensor) -> torch.Tensor:
@@ -25,7 +26,7 @@ def opmath(tensor: torch.Tensor) -> torch.Tensor:
     Torch rounds to the storage dtype once, at the end; a formula evaluated on ``opmath``
     tensors and cast back does the same.
     """
-    return tensor.float() if tensor.dtype in _LOWER_PRECISION else tensor
+    return tensor.float() if tensor.dtype in HALF_DTYPES else tensor
 
 
 def is_column_major(tensor: torch.Tensor) -> bool:
@@ -92,4 +93,4 @@ def upcast_like_autocast_fp32_ops(*tensors: torch.Tensor) -> tuple[torch.Tensor,
     """
     if not autocast_enabled(tensors[0].device.type):
         return tensors
-    return tuple(t.float() if t.dtype in _LOWER_PRECISION else t for t in tensors)
+    return tuple(t.float() if t.dtype in HALF_DTYPES else t for t in tensors)

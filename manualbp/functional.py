@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
+from manualbp import _cuda_kernels as cuda_kernels
 from manualbp._function import apply
 from manualbp._precision import (
+    HALF_DTYPES,
     autocast_enabled,
     is_column_major,
     is_row_major,
@@ -119,6 +121,8 @@ class SigmoidFunction(Function):
         (y,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None
+        if grad_output.is_cuda and y.dtype in HALF_DTYPES:  # torch's CUDA kernel rounds
+            return grad_output * (1 - y) * y  # (*)  every step to the half dtype
         g, y32 = opmath(grad_output), opmath(y)  # (*), (*)
         return (g * (1 - y32) * y32).to(grad_output.dtype)  # (*)  torch's evaluation order
 
@@ -144,6 +148,10 @@ class TanhFunction(Function):
         (y,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None
+        if cuda_kernels.kernel_applies(grad_output, y, dtypes=cuda_kernels.FULL_PRECISION):
+            return cuda_kernels.tanh_grad(grad_output, y)  # (*)  g · (1 - y²), torch's rounding
+        if grad_output.is_cuda and y.dtype in HALF_DTYPES:  # torch's CUDA kernel rounds
+            return grad_output * (1 - y * y)  # (*)  every step to the half dtype
         g, y32 = opmath(grad_output), opmath(y)  # (*), (*)
         one_minus_y2 = torch.addcmul(torch.ones_like(y32), y32, y32, value=-1)  # (*) one fma
         return (g * one_minus_y2).to(grad_output.dtype)  # (*)
@@ -176,13 +184,11 @@ class ReLUFunction(Function):
         (y,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None
-        if not grad_output.is_cpu:
-            return torch.where(y <= 0, 0.0, grad_output), None  # (*)  torch's: 0 where y <= 0
-        # The same rule on the CPU, where a float mask multiplies several times faster than a
-        # boolean one selects: [y > 0] = sign(y), with a NaN y counted as passing g, as torch
-        # does; 0 + g·mask in one fused op gives +0 (not g·0 = -0) where y = 0.
-        mask = torch.nan_to_num(y, nan=1.0).sign_()  # (*)  1 where y > 0 or NaN, else 0
-        return torch.addcmul(grad_output.new_zeros(()), grad_output, mask), None  # (*)
+        if cuda_kernels.kernel_applies(grad_output, y):  # one kernel, no mask in memory
+            return cuda_kernels.relu_grad(grad_output, y), None  # (*)  y <= 0 ? 0 : g
+        # A select, not a product with a mask: g passes bit for bit (-0, inf and NaN included)
+        # and the blocked entries are +0 whatever g holds, as in torch; a NaN y passes g.
+        return torch.where(y <= 0, 0.0, grad_output), None  # (*)
 
 
 class CrossEntropyFunction(Function):

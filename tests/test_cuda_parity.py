@@ -196,3 +196,41 @@ def test_cuda_autocast_mlp_step_matches_autograd_twin(autocast_dtype: torch.dtyp
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert p.grad.dtype == q.grad.dtype == torch.float32, name
         _assert_within_precision(p.grad, q.grad, autocast_dtype, name)
+
+
+def test_relu_backward_peaks_no_higher_than_torchs() -> None:
+    """ReLU's CUDA backward is one kernel (``y <= 0 ? 0 : g``): no boolean mask beside the
+    gradient, so the backward's peak memory is torch's."""
+    x = torch.randn(512, 200, device=DEVICE, requires_grad=True)
+    g = torch.randn(512, 200, device=DEVICE)
+
+    def backward_peak(relu: Callable[[torch.Tensor], torch.Tensor]) -> tuple[int, torch.Tensor]:
+        y = relu(x)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        (grad,) = torch.autograd.grad(y, x, g)
+        return torch.cuda.max_memory_allocated() - before, grad
+
+    ours, our_grad = backward_peak(MF.relu)
+    theirs, their_grad = backward_peak(F.relu)
+    assert ours <= theirs
+    assert torch.equal(our_grad, their_grad)
+
+
+def test_relu_backward_on_cuda_under_double_backward_vmap_and_compile() -> None:
+    """Where the single kernel cannot serve (the backward differentiated, vmapped or traced),
+    the same rule runs as ``torch.where``; every route gives torch's gradient."""
+    x = torch.randn(6, 5, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(MF.relu, (x,))
+
+    def total(relu: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+        return lambda row: (relu(row) * torch.arange(5.0, device=DEVICE)).sum()
+
+    ours = torch.func.vmap(torch.func.grad(total(MF.relu)))(x.detach())
+    assert torch.equal(ours, torch.func.vmap(torch.func.grad(total(F.relu)))(x.detach()))
+
+    compiled = torch.compile(lambda t: MF.relu(t) * 3.0, fullgraph=True)
+    (ours,) = torch.autograd.grad(compiled(x).sum(), x)
+    (theirs,) = torch.autograd.grad((F.relu(x) * 3.0).sum(), x)
+    assert torch.equal(ours, theirs)

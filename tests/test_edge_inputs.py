@@ -1,7 +1,7 @@
 """Inputs at the edges get torch's answer or a clear error, never a silent third answer.
 
-Complex tensors, zero-sized dimensions, empty losses, NaN inputs and the ``meta`` device, on the
-CPU and (where there is one) on CUDA.
+Complex tensors, zero-sized dimensions, empty losses, NaN inputs, special upstream gradients and
+the ``meta`` device, on the CPU and (where there is one) on CUDA.
 """
 
 from __future__ import annotations
@@ -78,6 +78,50 @@ def test_relu_passes_the_gradient_through_a_nan_input_as_torch_does(device) -> N
     grad = torch.autograd.grad(MF.relu(x), x, torch.arange(1.0, 7.0, device=device))[0]
     assert grad.tolist() == [1.0, 0.0, 0.0, 0.0, 5.0, 6.0]
     assert all(row.exact for row in rows)
+
+
+SPECIAL_INPUTS = [
+    float("nan"),
+    float("-inf"),
+    -3.0,
+    -1e-40,
+    -0.0,
+    0.0,
+    1e-40,
+    0.5,
+    3.0,
+    float("inf"),
+]
+SPECIAL_GRADS = [float("nan"), float("-inf"), -2.0, -0.0, 0.0, 1.5, float("inf")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
+@pytest.mark.parametrize(
+    ("manual", "reference"),
+    [(MF.relu, F.relu), (MF.sigmoid, torch.sigmoid), (MF.tanh, torch.tanh)],
+    ids=["relu", "sigmoid", "tanh"],
+)
+def test_activation_gradients_of_special_values_match_torch_bit_for_bit(
+    manual, reference, dtype, device
+) -> None:
+    """Every special input (NaN, ±inf, ±0, subnormals) against every special upstream
+    gradient (NaN, ±inf, ±0): the same value and the same sign of zero as torch, bit for bit,
+    in every dtype on the CPU and on CUDA, e.g. ReLU
+    passes a -0 or inf gradient where y > 0 and gives +0 where y <= 0 whatever the gradient."""
+    device = _device(device)
+    inputs = torch.tensor(SPECIAL_INPUTS, device=device)
+    grads = torch.tensor(SPECIAL_GRADS, device=device)
+    x = inputs[:, None].expand(-1, len(grads)).to(dtype).contiguous().requires_grad_()
+    g = grads[None, :].expand(len(inputs), -1).to(dtype).contiguous()
+    ours = torch.autograd.grad(manual(x), x, g)[0]
+    theirs = torch.autograd.grad(reference(x), x, g)[0]
+    same_value = (ours == theirs) | (ours.isnan() & theirs.isnan())
+    same_sign = (torch.signbit(ours) == torch.signbit(theirs)) | ours.isnan()
+    wrong = (~(same_value & same_sign)).nonzero().tolist()
+    assert not wrong, [(x[i, j].item(), g[i, j].item(), ours[i, j].item()) for i, j in wrong]
 
 
 @pytest.mark.parametrize(
