@@ -341,7 +341,7 @@ def test_non_finite_loss_stops_training_with_a_clear_error(quiet_trainer, compar
         ({"check_every_n_steps": 2.5}, "check_every_n_steps must be an int"),
         ({"backend": "jax"}, "backend must be one of"),
         ({"backend": "autograd", "compare": "check"}, "backend='autograd' needs compare='off'"),
-        ({"cuda_graph": True}, "cuda_graph=True needs compare='off'"),
+        ({"cuda_graph": True, "direct": True}, "direct=True trains the manual network"),
         ({"cuda_graph": "yes", "compare": "off"}, "cuda_graph must be a bool"),
         ({"net": torch.nn.Linear(4, 2)}, r"net \(Linear\) holds no handwritten module"),
     ],

@@ -15,12 +15,19 @@ Without ``optimizer`` the graph ends after the backward and the caller steps the
 (what :class:`~manualbp.train.module.TwinModule` does with ``cuda_graph=True``, so that Lightning
 keeps counting steps and learning-rate schedulers keep working).
 
+Several networks that share no parameters train in one graph when ``model`` runs them all and
+``loss_fn`` returns their losses stacked, ``(T,)``: the backward runs on the sum, whose
+gradient with respect to each network's parameters is that network's own. This is how the
+lockstep twins (the manual network and its autograd twin) are captured together.
+
 Rules:
 
 * ``model``, ``inputs`` and ``targets`` live on one CUDA device, and the step never makes the
   host wait for the GPU (no ``.item()``; manualbp's Functions make no such call on CUDA);
 * a batch of another shape or dtype than the captured one (a short last batch) runs eagerly,
   with the same arithmetic, and its gradients land in the same ``.grad`` tensors;
+* the warm-up before capture leaves no trace: parameters, buffers (BatchNorm's running
+  statistics), optimizer state and the device's random-number generator are put back;
 * every replay overwrites the gradient tensors the graph captured, so nothing needs zeroing;
   if something sets ``.grad`` to ``None`` in between (``zero_grad()``; Lightning does so
   before every validation loop), the next call puts the captured tensors back first;
@@ -32,21 +39,24 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = ["CUDAGraphStep"]
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
 class CUDAGraphStep:
     """Forward, loss, backward (and optionally ``optimizer.step()``) as one CUDA graph.
 
     Args:
-        model: the network; its parameters that require grad are trained.
-        loss_fn: ``loss_fn(outputs, targets)`` → ``()`` loss.
+        model: the network (or a module running several); its parameters that require grad
+            are trained.
+        loss_fn: ``loss_fn(outputs, targets)`` → ``()`` loss, or ``(T,)`` losses of T
+            networks that share no parameters (the backward runs on their sum).
         inputs: an example batch ``(N, *)`` on the CUDA device; fixes the captured shape.
         targets: its targets ``(N, *)`` (e.g. ``(N,)`` int64 classes).
         optimizer: stepped inside the graph if given; otherwise the caller steps it.
@@ -56,8 +66,14 @@ class CUDAGraphStep:
             replay is the first training step.
 
     Calling the object runs one step on ``inputs (N, *)`` and ``targets (N, *)`` and returns
-    ``(loss (), outputs (N, out))``. For the captured shape these are the graph's own output
-    tensors, overwritten by the next call: clone them to keep them.
+    ``(loss, outputs)``: the loss ``()`` (or losses ``(T,)``) and the model's outputs (a tensor
+    ``(N, out)``, or whatever tuple of tensors the model returns). For the captured shape these
+    are the graph's own output tensors, overwritten by the next call: clone them to keep them.
+
+    Attributes:
+        draws_random_numbers: whether a warm-up step drew from the device's random-number
+            generator (dropout): the replays draw fresh numbers from it every step, as eager
+            steps do, but two networks in one graph never draw the same ones.
     """
 
     def __init__(
@@ -95,12 +111,12 @@ class CUDAGraphStep:
         self._warm_up(warmup_steps)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.static_outputs = model(self.static_inputs)  # (N, out)
-            self.static_loss = loss_fn(self.static_outputs, self.static_targets)  # ()
-            self.static_loss.backward()
+            self.static_outputs = model(self.static_inputs)  # (N, out), or a tuple
+            self.static_loss = loss_fn(self.static_outputs, self.static_targets)  # () or (T,)
+            _total(self.static_loss).backward()
             if optimizer is not None:
                 optimizer.step()
-        self.static_outputs = self.static_outputs.detach()
+        self.static_outputs = _detached(self.static_outputs)
         self.static_loss = self.static_loss.detach()
         # The graph writes its gradients here on every replay; eager steps copy into them.
         self.static_grads = [p.grad for p in self.params]
@@ -109,26 +125,34 @@ class CUDAGraphStep:
         for p in self.params:
             p.grad = None
         loss = self.loss_fn(self.model(inputs), targets)
-        loss.backward()
+        _total(loss).backward()
         if self.optimizer is not None:
             self.optimizer.step()
         return loss
 
     def _warm_up(self, steps: int) -> None:
-        """Run ``steps`` eager steps on a side stream, then restore parameters and state."""
+        """Run ``steps`` eager steps on a side stream, then restore parameters, buffers,
+        optimizer state and the device's random-number generator."""
         saved_params = [p.detach().clone() for p in self.params]
+        buffers = list(self.model.buffers())
+        saved_buffers = [b.clone() for b in buffers]
         saved_state = _optimizer_state_tensors(self.optimizer)
         saved_state = {key: value.clone() for key, value in saved_state.items()}
         device = self.static_inputs.device
+        saved_rng = torch.cuda.get_rng_state(device)
         side_stream = torch.cuda.Stream(device)
         side_stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side_stream):
             for _ in range(steps):
                 self._eager_body(self.static_inputs, self.static_targets)
         torch.cuda.current_stream(device).wait_stream(side_stream)
+        self.draws_random_numbers = not torch.equal(torch.cuda.get_rng_state(device), saved_rng)
+        torch.cuda.set_rng_state(saved_rng, device)
         with torch.no_grad():
             for p, saved in zip(self.params, saved_params, strict=True):
                 p.copy_(saved)
+            for buffer, saved in zip(buffers, saved_buffers, strict=True):
+                buffer.copy_(saved)
             # State that existed before is restored; state the warm-up created (momentum
             # buffers, Adam's moments and step count) goes back to zero, which is exactly a
             # fresh optimizer's first step for the optimizers _check_capturable admits.
@@ -140,10 +164,8 @@ class CUDAGraphStep:
         for p in self.params:
             p.grad = None
 
-    def __call__(
-        self, inputs: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step on ``inputs (N, *)``, ``targets (N, *)``; returns ``(loss (), outputs)``."""
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """One step on ``inputs (N, *)``, ``targets (N, *)``; returns ``(loss, outputs)``."""
         for param, grad in zip(self.params, self.static_grads, strict=True):
             if param.grad is not grad:  # set to None (zero_grad) since the last step
                 param.grad = grad
@@ -157,19 +179,29 @@ class CUDAGraphStep:
         self.graph.replay()
         return self.static_loss, self.static_outputs
 
-    def _eager_step(
-        self, inputs: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _eager_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """The same step for a batch the graph was not captured for."""
-        outputs = self.model(inputs)  # (N, out)
-        loss = self.loss_fn(outputs, targets)  # ()
-        grads = torch.autograd.grad(loss, self.params)
+        outputs = self.model(inputs)  # (N, out), or a tuple
+        loss = self.loss_fn(outputs, targets)  # () or (T,)
+        grads = torch.autograd.grad(_total(loss), self.params)
         with torch.no_grad():
             for static_grad, grad in zip(self.static_grads, grads, strict=True):
                 static_grad.copy_(grad)  # keep the tensors the graph writes to
         if self.optimizer is not None:
             self.optimizer.step()
-        return loss.detach(), outputs.detach()
+        return loss.detach(), _detached(outputs)
+
+
+def _total(loss: torch.Tensor) -> torch.Tensor:
+    """The loss the backward runs on: ``loss ()`` itself, or the sum of ``loss (T,)``."""
+    return loss if loss.dim() == 0 else loss.sum()
+
+
+def _detached(outputs: Any) -> Any:
+    """``outputs`` (a tensor or a tuple of tensors), detached."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.detach()
+    return tuple(output.detach() for output in outputs)
 
 
 def _check_capturable(optimizer: torch.optim.Optimizer) -> None:

@@ -72,7 +72,7 @@ from manualbp.direct import DirectBackprop
 from manualbp.nn import MLP, CrossEntropyLoss, autograd_twin, is_handwritten
 from manualbp.train.cuda_graph import CUDAGraphStep
 from manualbp.train.dashboard import twin_layout
-from manualbp.train.twin_optimizers import TwinOptimizers, TwinSchedulers
+from manualbp.train.twin_optimizers import TwinOptimizers, TwinSchedulers, needs_closure
 
 __all__ = ["HP_METRICS", "TwinModule"]
 
@@ -115,11 +115,16 @@ class TwinModule(L.LightningModule):
             measurements (step 0 is always checked).
         backend: which twin trains with ``compare="off"``: ``manual`` or ``autograd``; the
             other modes always train the manual network.
-        cuda_graph: the opt-in fast path (``compare="off"`` on one CUDA device): forward,
-            loss and backward are captured once as a CUDA graph and replayed for every batch
+        cuda_graph: the opt-in fast path on one CUDA device, in every comparison mode: the
+            trained networks' forward, loss and backward (in lockstep both twins', in one
+            graph) are captured once as a CUDA graph and replayed for every batch
             (:class:`~manualbp.train.cuda_graph.CUDAGraphStep`), and Lightning steps the
             optimizer (manual optimization), so step counting, checkpoints and schedulers
-            work as usual. A batch of another shape (a short last batch) runs eagerly.
+            work as usual. Gradient checks and divergence run eagerly between replays, as
+            without it. A batch of another shape (a short last batch) runs eagerly. Lockstep
+            refuses a network that draws random numbers (dropout): one graph cannot give both
+            twins the same masks. Trainer gradient clipping and accumulation are not
+            available with it (Lightning refuses them).
         direct: the other opt-in fast path (``compare="off"`` or ``"check"``, float32): the
             manual network's forward and backward are chained by hand
             (:class:`~manualbp.direct.DirectBackprop`: the same Functions, no autograd
@@ -163,11 +168,6 @@ class TwinModule(L.LightningModule):
             )
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"TwinModule: cuda_graph must be a bool, got {cuda_graph!r}")
-        if cuda_graph and compare != "off":
-            raise ValueError(
-                f"TwinModule: cuda_graph=True needs compare='off' (compare={compare!r} runs "
-                "gradient checks between steps, which a replayed graph cannot)"
-            )
         if not isinstance(direct, bool):
             raise ValueError(f"TwinModule: direct must be a bool, got {direct!r}")
         if direct and (compare == "lockstep" or backend == "autograd" or cuda_graph):
@@ -347,23 +347,53 @@ class TwinModule(L.LightningModule):
         return sum(losses.values())
 
     def _graph_training_step(self, batch: Batch) -> torch.Tensor:
-        """``cuda_graph=True``: replay the captured forward + backward, then step."""
+        """``cuda_graph=True``: replay the captured forward + backward of every trained
+        network, check as the eager step does, then step."""
         inputs, targets = batch
-        name, model = self._models()[0]
         if self._graph_step is None:  # captured at the first batch (weights untouched)
-            self._graph_step = CUDAGraphStep(model, self._loss_fn(name), inputs, targets)
-        loss, outputs = self._graph_step(inputs, targets)
+            self._graph_step = self._capture(inputs, targets)
+        stacked, outputs = self._graph_step(inputs, targets)  # (T,), T outputs
+        names = [name for name, _ in self._models()]
+        losses = dict(zip(names, stacked.unbind(), strict=True))
         log_now = self._train_metrics_due()
         if log_now:
             # Clones: the graph's own outputs are overwritten by the next replay.
             progress_bar = self.trainer.progress_bar_callback is not None
-            self.log(f"train/loss/{name}", loss.clone(), prog_bar=progress_bar)
-            self.log(f"train/acc/{name}", self._accuracy(outputs, targets))
-        self._watch_finite({name: loss}, read_now=log_now)
+            for name, twin_outputs in zip(names, outputs, strict=True):
+                self.log(f"train/loss/{name}", losses[name].clone(), prog_bar=progress_bar)
+                self.log(f"train/acc/{name}", self._accuracy(twin_outputs, targets))
+        self._watch_finite(losses, read_now=log_now)
         if self.global_step % self.hparams.check_every_n_steps == 0:
-            self._check_step(inputs, targets, {name: loss})
+            self._check_step(inputs, targets, losses)
         self.optimizers().step()  # through Lightning: counts global_step, runs its hooks
-        return loss
+        return stacked.sum()
+
+    def _capture(self, inputs: torch.Tensor, targets: torch.Tensor) -> CUDAGraphStep:
+        """The trained networks' forward, losses ``(T,)`` and backward as one CUDA graph; the
+        first warm-up step checks what is handwritten, as the eager first step does."""
+        models = self._models()
+        checked = False
+
+        def losses(outputs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
+            nonlocal checked
+            per_twin = {
+                name: self._loss_fn(name)(twin_outputs, targets)
+                for (name, _), twin_outputs in zip(models, outputs, strict=True)
+            }
+            if not checked:
+                self._check_what_is_handwritten(per_twin)
+                checked = True
+            return torch.stack(list(per_twin.values()))  # (T,)
+
+        step = CUDAGraphStep(_Together([model for _, model in models]), losses, inputs, targets)
+        if len(models) > 1 and step.draws_random_numbers:
+            raise ValueError(
+                "TwinModule: cuda_graph=True in lockstep needs a network that draws no random "
+                "numbers, but this one does (dropout?): the twins must draw the same masks, "
+                "which the eager step arranges by forking the generator and one captured graph "
+                "cannot. Use cuda_graph=False, or compare='check'"
+            )
+        return step
 
     def _direct_training_step(self, batch: Batch) -> torch.Tensor:
         """``direct=True``: forward and backward by hand, then Lightning steps the optimizer."""
@@ -436,12 +466,18 @@ class TwinModule(L.LightningModule):
                     self._first_nonfinite_step[name] = step
             self._raise_if_nonfinite()
             return
-        for name, loss in losses.items():
-            flag = self._first_nonfinite_step.get(name)
-            if flag is None or flag.device != loss.device:
-                flag = torch.full((), -1, dtype=torch.int64, device=loss.device)
-            bad = ~torch.isfinite(loss.detach()) & (flag < 0)
-            self._first_nonfinite_step[name] = torch.where(bad, self.global_step, flag)
+        names = list(losses)
+        stacked = torch.stack([loss.detach() for loss in losses.values()])  # (T,)
+        flags = torch.stack(  # (T,)  each twin's first bad step so far, -1 for none
+            [
+                self._first_nonfinite_step.get(name, torch.tensor(-1)).to(stacked.device)
+                for name in names
+            ]
+        )
+        # x·0 is 0 for a finite x and NaN for ±inf and NaN: two kernels, isfinite takes four
+        bad = stacked.mul(0).ne(0) & flags.lt(0)  # (T,)
+        flags = torch.where(bad, self.global_step, flags)
+        self._first_nonfinite_step.update(zip(names, flags.unbind(), strict=True))
         if single and read_now:
             self._raise_if_nonfinite()
 
@@ -675,6 +711,18 @@ class TwinModule(L.LightningModule):
                 f"{self.trainer.precision!r} (use '32-true', or direct=False for mixed precision)"
             )
         if self.hparams.cuda_graph:
+            inner = [
+                twin_optimizer
+                for optimizer in self.trainer.optimizers
+                for twin_optimizer in getattr(optimizer, "optimizers", {"": optimizer}).values()
+            ]
+            closure_based = [type(o).__name__ for o in inner if needs_closure(o)]
+            if closure_based:
+                raise ValueError(
+                    f"TwinModule: cuda_graph=True replays one forward and backward per step, "
+                    f"but {closure_based[0]} re-evaluates the loss inside its step; use "
+                    "cuda_graph=False"
+                )
             if self.device.type != "cuda":
                 raise ValueError(
                     f"TwinModule: cuda_graph=True needs a CUDA device, but the trainer runs on "
@@ -788,6 +836,18 @@ class TwinModule(L.LightningModule):
             name = group.get("name", self._models()[0][0])
             rates.setdefault(name, float(group["lr"]))
         return rates
+
+
+class _Together(nn.Module):
+    """Several networks run on the same inputs: ``forward(inputs (N, *))`` returns each one's
+    outputs, in order (what one CUDA graph captures in lockstep)."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(model(inputs) for model in self.models)
 
 
 def _monitor_key(scheduler: ReduceLROnPlateau, twin: str) -> str:
