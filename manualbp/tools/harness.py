@@ -89,10 +89,12 @@ def plain_loop_seconds(module, datamodule, clock: RunClock, optimizer_factory) -
     of ``module``'s twins: training steps of the twins it trains (with a gradient check every
     ``check_every_n_steps`` unless ``compare="off"``), validation and test forward passes of
     both twins."""
-    manual, autograd = copy.deepcopy(module.manual_model), copy.deepcopy(module.autograd_model)
+    # On the batches' device: after a run Lightning has moved the module back to the CPU.
+    device = next(iter(datamodule.train_dataloader()))[0].device
+    manual = copy.deepcopy(module.manual_model).to(device)
+    autograd = copy.deepcopy(module.autograd_model).to(device)
     manual_loss, autograd_loss = module.manual_loss, module.autograd_loss
     optimizers = [optimizer_factory(manual.parameters()), optimizer_factory(autograd.parameters())]
-    device = next(manual.parameters()).device
     every = module.hparams.check_every_n_steps if module.hparams.compare != "off" else 0
     twins = 2 if module.hparams.compare == "lockstep" else 1  # trained twins
     _sync(device)
