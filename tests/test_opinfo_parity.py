@@ -68,7 +68,7 @@ def _torch_test_db() -> tuple[dict[str, Any], dict[type[nn.Module], Any]]:
     from torch.testing._internal.common_modules import module_db
 
     if not frozen_before:
-        vars(torch.backends)["__allow_nonbracketed_mutation_flag"] = True
+        torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
     ops = {info.name: info for info in op_db if info.name in OPS and not info.variant_test_name}
     modules = {info.module_cls: info for info in module_db if info.module_cls in MODULES}
     assert ops.keys() == OPS.keys() and modules.keys() == MODULES.keys()
