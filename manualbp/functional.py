@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from manualbp import _cuda_kernels as cuda_kernels
+from manualbp import _elementwise as elementwise
 from manualbp._function import apply
 from manualbp._precision import (
     HALF_DTYPES,
@@ -101,10 +101,7 @@ def _unflatten_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class SigmoidFunction(Function):
-    """``y = 1 / (1 + e^{-x})``;  ``dL/dx = g · (1 - y) · y``, from the saved output alone.
-
-    Input and output: any shape ``(*)``.
-    """
+    """``y = 1 / (1 + e^{-x})``;  ``dL/dx = g · (1 - y) · y``, from the saved ``y``; any ``(*)``."""
 
     generate_vmap_rule = True
 
@@ -148,8 +145,8 @@ class TanhFunction(Function):
         (y,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None
-        if cuda_kernels.kernel_applies(grad_output, y, dtypes=cuda_kernels.FULL_PRECISION):
-            return cuda_kernels.tanh_grad(grad_output, y)  # (*)  g · (1 - y²), torch's rounding
+        if elementwise.cuda_kernel_applies(grad_output, y, dtypes=elementwise.FULL_PRECISION):
+            return elementwise.tanh_grad_cuda(grad_output, y)  # (*)  g · (1 - y²), one fma
         if grad_output.is_cuda and y.dtype in HALF_DTYPES:  # torch's CUDA kernel rounds
             return grad_output * (1 - y * y)  # (*)  every step to the half dtype
         g, y32 = opmath(grad_output), opmath(y)  # (*), (*)
@@ -184,8 +181,10 @@ class ReLUFunction(Function):
         (y,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None
-        if cuda_kernels.kernel_applies(grad_output, y):  # one kernel, no mask in memory
-            return cuda_kernels.relu_grad(grad_output, y), None  # (*)  y <= 0 ? 0 : g
+        if elementwise.cuda_kernel_applies(grad_output, y):  # one kernel, no mask in memory
+            return elementwise.relu_grad_cuda(grad_output, y), None  # (*)  y <= 0 ? 0 : g
+        if elementwise.bit_ops_apply(grad_output, y):  # the same select as bit operations
+            return elementwise.relu_grad_bits(grad_output, y), None  # (*)  g's bits & [y > 0]
         # A select, not a product with a mask: g passes bit for bit (-0, inf and NaN included)
         # and the blocked entries are +0 whatever g holds, as in torch; a NaN y passes g.
         return torch.where(y <= 0, 0.0, grad_output), None  # (*)
