@@ -461,7 +461,7 @@ class TwinModule(L.LightningModule):
         single = self.trainer.world_size == 1
         if single and self.device.type == "cpu":  # reading a CPU scalar costs nothing
             for name, loss in losses.items():
-                if not bool(torch.isfinite(loss.detach())):
+                if not math.isfinite(loss.item()):
                     step = torch.tensor(self.global_step)
                     self._first_nonfinite_step[name] = step
             self._raise_if_nonfinite()
