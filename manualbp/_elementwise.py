@@ -37,11 +37,11 @@ __all__ = [
 FULL_PRECISION = (torch.float32, torch.float64)
 """The dtypes a CUDA kernel here computes in directly (torch rounds half dtypes differently)."""
 
-_SAME_SIZE_INTEGER = {
-    torch.float64: torch.int64,
-    torch.float32: torch.int32,
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
+_SAME_SIZE_INTEGER = {  # float dtype: (integer dtype of its width, that integer's max, width - 1)
+    torch.float64: (torch.int64, 2**63 - 1, 63),
+    torch.float32: (torch.int32, 2**31 - 1, 31),
+    torch.float16: (torch.int16, 2**15 - 1, 15),
+    torch.bfloat16: (torch.int16, 2**15 - 1, 15),
 }
 
 
@@ -68,9 +68,8 @@ def tanh_grad_cuda(grad_output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def relu_grad_bits(grad_output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``dL/dx = y <= 0 ? 0 : g`` for ``grad_output (*)`` and ReLU's output ``y (*)`` (``y``
     is ``+x``, ``±0`` or ``NaN``), with integer operations on the floats' bits."""
-    integer = _SAME_SIZE_INTEGER[y.dtype]
-    sign_bit = torch.iinfo(integer).bits - 1
-    magnitude = y.view(integer) & torch.iinfo(integer).max  # (*)  |y|'s bits: 0 iff y = ±0
+    integer, largest, sign_bit = _SAME_SIZE_INTEGER[y.dtype]
+    magnitude = y.view(integer) & largest  # (*)  |y|'s bits: 0 iff y = ±0
     mask = magnitude.neg_().bitwise_right_shift_(sign_bit)  # (*)  all ones iff |y| > 0 or NaN
     return (grad_output.view(integer) & mask).view(grad_output.dtype)  # (*)
 

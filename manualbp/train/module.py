@@ -468,12 +468,12 @@ class TwinModule(L.LightningModule):
             return
         names = list(losses)
         stacked = torch.stack([loss.detach() for loss in losses.values()])  # (T,)
-        flags = torch.stack(  # (T,)  each twin's first bad step so far, -1 for none
-            [
-                self._first_nonfinite_step.get(name, torch.tensor(-1)).to(stacked.device)
-                for name in names
-            ]
-        )
+        known = self._first_nonfinite_step
+        none_yet = None
+        if not all(name in known for name in names):
+            none_yet = torch.full((), -1, dtype=torch.int64, device=stacked.device)
+        # (T,)  each twin's first bad step so far, -1 for none
+        flags = torch.stack([known.get(name, none_yet) for name in names])
         # x·0 is 0 for a finite x and NaN for ±inf and NaN: two kernels, isfinite takes four
         bad = stacked.mul(0).ne(0) & flags.lt(0)  # (T,)
         flags = torch.where(bad, self.global_step, flags)
