@@ -707,9 +707,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--harness-config", default="experiments/mnist_mlp.yaml")
     parser.add_argument(
+        "--harness-rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds of run and plain loop (default: 3)",
+    )
+    parser.add_argument(
         "--bounds",
         action="store_true",
-        help="the host cost of one autograd.Function node and of one Lightning step",
+        help="the host costs no formula removes: a Function node, a Python op call, a Lightning "
+        "step, and the Functions' bodies alone against autograd",
     )
     parser.add_argument(
         "--no-direct", dest="direct", action="store_false", help="skip the direct-backprop path"
@@ -745,7 +752,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.conventional_repeats = (
         args.conventional_repeats if args.conventional_repeats is not None else (1 if quick else 3)
     )
-    positive = ("steps", "repeats", "epoch_batch", "epoch_repeats", "conventional_repeats")
+    positive = (
+        "steps",
+        "repeats",
+        "epoch_batch",
+        "epoch_repeats",
+        "conventional_repeats",
+        "harness_rounds",
+    )
     for name in ("warmup", "conventional_workers", *positive):
         lowest, expected = (1, "positive") if name in positive else (0, ">= 0")
         if getattr(args, name) < lowest:
@@ -764,11 +778,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         extra = [f"--data.init_args.data_dir={args.data_dir}"] if args.data_dir else []
         extra.append("--trainer.enable_progress_bar=false")
-        harness = measure_harness(args.harness_config, extra)
+        harness = measure_harness(args.harness_config, extra, rounds=args.harness_rounds)
         print(json.dumps(harness, indent=2))
         return {"harness": harness}
     if args.bounds:
-        from manualbp.tools.bounds import node_costs, op_call_us
+        from manualbp.tools.bounds import function_bodies_ratio, node_costs, op_call_us
         from manualbp.tools.harness import lightning_loop_seconds_per_step
 
         bounds = {
@@ -778,6 +792,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "automatic optimization": lightning_loop_seconds_per_step(automatic=True) * 1e6,
                 "manual optimization": lightning_loop_seconds_per_step(automatic=False) * 1e6,
             },
+            "function_bodies_step_784_200_10_batch_64": function_bodies_ratio(),
         }
         print(json.dumps(bounds, indent=2))
         return {"bounds": bounds}

@@ -14,15 +14,20 @@ Two costs that no handwritten formula can remove:
   run in C++ and pay none of it;
 * **a Lightning step**: :func:`~manualbp.tools.harness.lightning_loop_seconds_per_step`, the
   training loop around the smallest possible step, with automatic and with manual
-  optimization.
+  optimization;
+* **the floor of direct backprop**: :func:`function_bodies_ratio`, a training step made of the
+  Functions' own ``forward``/``setup_context``/``backward`` called in sequence, with nothing
+  around them (no modules, checks, tape or engine), against the autograd step.
 
-``python scripts/benchmark.py --bounds`` prints both. A network of ``F`` handwritten Functions
+``python scripts/benchmark.py --bounds`` prints them all. A network of ``F`` handwritten Functions
 replacing ``B`` builtin nodes pays about ``F · function - B · builtin`` per step in host time
 beyond its kernels, whatever its formulas.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -30,7 +35,7 @@ from collections.abc import Callable
 import torch
 from torch.autograd import Function
 
-__all__ = ["node_costs", "op_call_us"]
+__all__ = ["function_bodies_ratio", "node_costs", "op_call_us"]
 
 
 class _ClassicClone(Function):
@@ -106,3 +111,81 @@ def op_call_us(calls: int = 20000, repeats: int = 15) -> float:
             torch.mul(a, b)
         times.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(times)
+
+
+def _bodies_step(
+    sizes: tuple[int, ...], batch: int
+) -> tuple[Callable[[], None], list[torch.nn.Linear]]:
+    """A training step (SGD with momentum) of the ``sizes`` ReLU MLP from the Functions' own
+    ``forward``, ``setup_context`` and ``backward`` called in sequence: no modules, input
+    checks, tape or engine. Returns the step and the linear layers whose weights it trains."""
+    from manualbp.direct import DirectContext
+    from manualbp.functional import CrossEntropyFunction, LinearFunction, ReLUFunction
+
+    inputs, targets = _mlp_batch(sizes, batch)
+    layers = [torch.nn.Linear(fan_in, fan_out) for fan_in, fan_out in itertools.pairwise(sizes)]
+    parameters = [p for layer in layers for p in layer.parameters()]
+    optimizer = torch.optim.SGD(parameters, lr=1e-3, momentum=0.9)
+    loss_args = (None, "mean", None, 0.0)  # weight, reduction, ignore_index, label_smoothing
+
+    def run(function, needs, *args):
+        ctx = DirectContext(needs)
+        output = function.forward(*args)
+        function.setup_context(ctx, args, output)
+        return ctx, output
+
+    @torch.no_grad()
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        h, tape = inputs, []
+        for index, layer in enumerate(layers):
+            ctx, h = run(LinearFunction, (index > 0, True, True), h, layer.weight, layer.bias)
+            tape.append((LinearFunction, ctx, layer))
+            if index < len(layers) - 1:
+                ctx, h = run(ReLUFunction, (True, False), h, False)
+                tape.append((ReLUFunction, ctx, None))
+        ctx, (loss, _) = run(CrossEntropyFunction, (True, *[False] * 5), h, targets, *loss_args)
+        grad = CrossEntropyFunction.backward(ctx, torch.ones_like(loss), None)[0]
+        for function, ctx, layer in reversed(tape):
+            grads = function.backward(ctx, grad)
+            grad = grads[0]
+            if layer is not None:
+                layer.weight.grad, layer.bias.grad = grads[1], grads[2]
+        optimizer.step()
+
+    return step, layers
+
+
+def _mlp_batch(sizes: tuple[int, ...], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``(batch, sizes[0])`` and class targets ``(batch,)``, from a fixed seed."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(batch, sizes[0], generator=generator)
+    return inputs, torch.randint(0, sizes[-1], (batch,), generator=generator)
+
+
+def function_bodies_ratio(
+    sizes: tuple[int, ...] = (784, 200, 10), batch: int = 64, steps: int = 50, repeats: int = 15
+) -> dict[str, float]:
+    """The floor of direct backprop with these Functions: the step of :func:`_bodies_step`
+    against the same step of the same weights through ``torch.nn`` and autograd, interleaved
+    (median ms per step, and the median of the per-round ratios bodies/autograd)."""
+    from manualbp.tools.benchmark import interleaved_ratio
+
+    bodies, layers = _bodies_step(sizes, batch)
+    modules: list[torch.nn.Module] = []
+    for layer in layers:
+        modules += [copy.deepcopy(layer), torch.nn.ReLU()]
+    network = torch.nn.Sequential(*modules[:-1])
+    inputs, targets = _mlp_batch(sizes, batch)
+    optimizer = torch.optim.SGD(network.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def autograd_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(network(inputs), targets).backward()
+        optimizer.step()
+
+    time_b, time_a, ratio, _ = interleaved_ratio(
+        bodies, autograd_step, torch.device("cpu"), warmup=10, steps=steps, repeats=repeats
+    )
+    return {"bodies_ms": time_b * 1e3, "autograd_ms": time_a * 1e3, "ratio": ratio}

@@ -1,20 +1,23 @@
 """What the Lightning harness costs around an experiment's own work.
 
 ``measure_harness(config)`` runs ``manualbp fit --config CONFIG`` in this process (fit, then
-test, as the command does) with a :class:`RunClock` callback, then times the same work in a
-plain loop: every training step of both twins (forward, loss, backward, optimizer step),
-the gradient check every ``check_every_n_steps`` steps, and the forward passes of each
-validation and of the test, on the same batches. Reported:
+test, as the command does) with a :class:`RunClock` callback, and times the same work in a
+plain loop, in interleaved rounds (a machine's speed can drift by more than the overhead
+between two runs). The plain loop does every training step of both twins (forward, loss,
+backward, optimizer step), the gradient check every ``check_every_n_steps`` steps, and the
+forward passes of each validation and of the test, on the same batches. Reported per round,
+and for the round of median overhead:
 
 * ``startup_s``: from building the CLI (config parsing, MNIST loading) to the fit's start;
 * ``run_s``: from the fit's start to the end of the test;
 * ``pure_s``: the plain loop's time for that same work;
 * ``overhead_s = run_s - pure_s`` and ``overhead_fraction = overhead_s / run_s``: what the
   harness (Lightning's loops, hooks, logging, TensorBoard, checkpoints, summaries) adds;
-* ``lightning_floor_s``: what Lightning's training loop alone costs for the same number of
-  steps (:func:`lightning_loop_seconds_per_step`: a one-parameter module, no logger, no
-  callbacks), with automatic optimization as the run uses, and ``lightning_floor_fraction``
-  of the run: the part of the overhead no LightningModule can remove.
+* ``lightning_floor_s`` (measured once): what Lightning's training loop alone costs for the
+  same number of steps (:func:`lightning_loop_seconds_per_step`: a one-parameter module, no
+  logger, no callbacks), with automatic optimization as the run uses, and
+  ``lightning_floor_fraction`` of the run: the part of the overhead no LightningModule can
+  remove.
 
 ``python scripts/benchmark.py --harness`` runs it on ``experiments/mnist_mlp.yaml``.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import statistics
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -187,10 +191,46 @@ def lightning_loop_seconds_per_step(steps: int = 2000, automatic: bool = True) -
 
 
 def measure_harness(
-    config: str = "experiments/mnist_mlp.yaml", extra_args: Sequence[str] = ()
-) -> dict[str, float]:
+    config: str = "experiments/mnist_mlp.yaml", extra_args: Sequence[str] = (), rounds: int = 3
+) -> dict[str, Any]:
     """Run ``manualbp fit --config config`` (plus ``extra_args``) and the plain loop of the
-    same work; the timings described in the module docstring."""
+    same work ``rounds`` times, interleaved (run then loop, loop then run, ...: a machine that
+    drifts slows both alike). Returns the timings described in the module docstring for the
+    round of median overhead, and every round's under ``"rounds"``."""
+    if rounds < 1:
+        raise ValueError(f"measure_harness: rounds must be >= 1, got {rounds}")
+    measured: list[dict[str, float]] = []
+    previous: tuple[Any, RunClock] | None = None  # (cli, clock) of the last run
+    for index in range(rounds):
+        loop_first = previous is not None and index % 2 == 1
+        pure = _plain_loop_of(*previous) if loop_first else None
+        cli, clock, startup = _timed_run(config, extra_args)
+        if pure is None:
+            pure = _plain_loop_of(cli, clock)
+        previous = (cli, clock)
+        run = clock.test_end - clock.fit_start
+        measured.append(
+            {
+                "startup_s": startup,
+                "run_s": run,
+                "pure_s": pure,
+                "overhead_s": run - pure,
+                "overhead_fraction": (run - pure) / run,
+            }
+        )
+    steps = previous[1].steps
+    floor = lightning_loop_seconds_per_step() * steps
+    middle = statistics.median_low(round_["overhead_fraction"] for round_ in measured)
+    median_round = next(r for r in measured if r["overhead_fraction"] == middle)
+    result: dict[str, Any] = {"config": config, "steps": steps, **median_round, "rounds": measured}
+    result["lightning_floor_s"] = floor
+    result["lightning_floor_fraction"] = floor / result["run_s"]
+    return result
+
+
+def _timed_run(config: str, extra_args: Sequence[str]) -> tuple[Any, RunClock, float]:
+    """``manualbp fit --config config`` in this process: the CLI, its clock, and the seconds
+    from building the CLI to the fit's start."""
     from manualbp.train.cli import cli_main
 
     with tempfile.TemporaryDirectory() as runs:
@@ -204,18 +244,9 @@ def measure_harness(
         ]
         started = time.perf_counter()
         cli = cli_main(args)
-        clock = next(c for c in cli.trainer.callbacks if isinstance(c, RunClock))
-        pure = plain_loop_seconds(cli.model, cli.datamodule, clock, cli.model.optimizer_factory)
-    run = clock.test_end - clock.fit_start
-    floor = lightning_loop_seconds_per_step() * clock.steps
-    return {
-        "config": config,
-        "steps": clock.steps,
-        "startup_s": clock.fit_start - started,
-        "run_s": run,
-        "pure_s": pure,
-        "overhead_s": run - pure,
-        "overhead_fraction": (run - pure) / run,
-        "lightning_floor_s": floor,
-        "lightning_floor_fraction": floor / run,
-    }
+    clock = next(c for c in cli.trainer.callbacks if isinstance(c, RunClock))
+    return cli, clock, clock.fit_start - started
+
+
+def _plain_loop_of(cli: Any, clock: RunClock) -> float:
+    return plain_loop_seconds(cli.model, cli.datamodule, clock, cli.model.optimizer_factory)
