@@ -28,6 +28,7 @@ import pytest
 import torch
 from torch.testing._utils import wrapper_set_seed
 from torch.utils._pytree import tree_flatten, tree_map
+from torch_test_db import torch_test_db
 
 import manualbp.functional as MF
 from manualbp.nn import manual_twin
@@ -76,15 +77,8 @@ MODULE_NAMES = (
 
 @functools.cache
 def _torch_test_db() -> tuple[dict[tuple[str, str], Any], dict[str, Any]]:
-    """op_db and module_db entries of these ops and modules, imported on first use (the import
-    takes seconds). Importing torch's test utilities freezes the ``torch.backends`` flags for
-    the whole process; that is undone, so that later tests may still set them."""
-    frozen_before = torch.backends.flags_frozen()
-    from torch.testing._internal.common_methods_invocations import op_db
-    from torch.testing._internal.common_modules import module_db
-
-    if not frozen_before:  # the flag lives in the globals of torch.backends' functions
-        torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+    """op_db and module_db entries of these ops and modules (:func:`torch_test_db`)."""
+    op_db, module_db = torch_test_db()
     ops = {(op.name, op.variant_test_name): op for op in op_db if op.name in MANUAL_OPS}
     modules = {m.module_cls.__name__: m for m in module_db if m.module_cls.__name__ in MODULE_NAMES}
     return ops, modules

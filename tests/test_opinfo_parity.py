@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch_test_db import torch_test_db
 
 import manualbp.functional as MF
 import manualbp.nn as mnn
@@ -60,15 +61,8 @@ AGREEMENT_GOAL = 0.98  # the share of samples that must agree with torch (the re
 
 @functools.cache
 def _torch_test_db() -> tuple[dict[str, Any], dict[type[nn.Module], Any]]:
-    """op_db and module_db entries by name/class, imported on first use (the import takes
-    seconds). Importing torch's test utilities freezes ``torch.backends`` flags for the whole
-    process (``disable_global_flags``); that is undone, so later tests may set them."""
-    frozen_before = torch.backends.flags_frozen()
-    from torch.testing._internal.common_methods_invocations import op_db
-    from torch.testing._internal.common_modules import module_db
-
-    if not frozen_before:
-        torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+    """op_db and module_db entries by name/class (:func:`torch_test_db`)."""
+    op_db, module_db = torch_test_db()
     ops = {info.name: info for info in op_db if info.name in OPS and not info.variant_test_name}
     modules = {info.module_cls: info for info in module_db if info.module_cls in MODULES}
     assert ops.keys() == OPS.keys() and modules.keys() == MODULES.keys()
