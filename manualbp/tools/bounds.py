@@ -1,6 +1,6 @@
 """What bounds the speed ratios on this machine, measured rather than assumed.
 
-Two costs that no handwritten formula can remove:
+The costs that no handwritten formula removes, and the floor no driver of the Functions beats:
 
 * **a node**: one ``torch.autograd.Function`` applied and run backward costs more host time
   than one builtin op's node. :func:`node_costs` times a chain of ``k`` identity nodes
