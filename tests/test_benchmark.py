@@ -127,13 +127,13 @@ def test_harness_refuses_no_rounds() -> None:
 def test_function_bodies_step_trains_as_autograd_and_is_timed_against_it() -> None:
     from manualbp.tools.bounds import _bodies_step, function_bodies_ratio
 
-    step, layers = _bodies_step((12, 7, 3), batch=5)
-    parameters = [p for layer in layers for p in (layer.weight, layer.bias)]
-    twin = [p.detach().clone().requires_grad_() for p in parameters]
-    step()  # one SGD step from the Functions' bodies
-    generator = torch.Generator().manual_seed(0)  # the batch _bodies_step draws
+    generator = torch.Generator().manual_seed(0)
+    layers = [torch.nn.Linear(12, 7), torch.nn.Linear(7, 3)]
     inputs = torch.randn(5, 12, generator=generator)
     targets = torch.randint(0, 3, (5,), generator=generator)
+    parameters = [p for layer in layers for p in (layer.weight, layer.bias)]
+    twin = [p.detach().clone().requires_grad_() for p in parameters]
+    _bodies_step(layers, inputs, targets)()  # one SGD step from the Functions' bodies
     w1, b1, w2, b2 = twin
     logits = torch.relu(inputs @ w1.T + b1) @ w2.T + b2
     torch.nn.functional.cross_entropy(logits, targets).backward()

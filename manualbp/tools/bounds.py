@@ -27,7 +27,6 @@ beyond its kernels, whatever its formulas.
 from __future__ import annotations
 
 import copy
-import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -114,16 +113,14 @@ def op_call_us(calls: int = 20000, repeats: int = 15) -> float:
 
 
 def _bodies_step(
-    sizes: tuple[int, ...], batch: int
-) -> tuple[Callable[[], None], list[torch.nn.Linear]]:
-    """A training step (SGD with momentum) of the ``sizes`` ReLU MLP from the Functions' own
-    ``forward``, ``setup_context`` and ``backward`` called in sequence: no modules, input
-    checks, tape or engine. Returns the step and the linear layers whose weights it trains."""
+    layers: list[torch.nn.Linear], inputs: torch.Tensor, targets: torch.Tensor
+) -> Callable[[], None]:
+    """A training step (SGD with momentum) of the ReLU MLP of ``layers`` on ``inputs (N, in)``
+    and class ``targets (N,)``, from the Functions' own ``forward``, ``setup_context`` and
+    ``backward`` called in sequence: no modules, input checks, tape or engine."""
     from manualbp.direct import DirectContext
     from manualbp.functional import CrossEntropyFunction, LinearFunction, ReLUFunction
 
-    inputs, targets = _mlp_batch(sizes, batch)
-    layers = [torch.nn.Linear(fan_in, fan_out) for fan_in, fan_out in itertools.pairwise(sizes)]
     parameters = [p for layer in layers for p in layer.parameters()]
     optimizer = torch.optim.SGD(parameters, lr=1e-3, momentum=0.9)
     loss_args = (None, "mean", None, 0.0)  # weight, reduction, ignore_index, label_smoothing
@@ -153,39 +150,32 @@ def _bodies_step(
                 layer.weight.grad, layer.bias.grad = grads[1], grads[2]
         optimizer.step()
 
-    return step, layers
-
-
-def _mlp_batch(sizes: tuple[int, ...], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs ``(batch, sizes[0])`` and class targets ``(batch,)``, from a fixed seed."""
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(batch, sizes[0], generator=generator)
-    return inputs, torch.randint(0, sizes[-1], (batch,), generator=generator)
+    return step
 
 
 def function_bodies_ratio(
     sizes: tuple[int, ...] = (784, 200, 10), batch: int = 64, steps: int = 50, repeats: int = 15
 ) -> dict[str, float]:
     """The floor of direct backprop with these Functions: the step of :func:`_bodies_step`
-    against the same step of the same weights through ``torch.nn`` and autograd, interleaved
-    (median ms per step, and the median of the per-round ratios bodies/autograd)."""
-    from manualbp.tools.benchmark import interleaved_ratio
+    against the benchmark's autograd step (:func:`~manualbp.tools.benchmark.training_step`)
+    of the same weights and batch, interleaved (median ms per step, and the median of the
+    per-round ratios bodies/autograd)."""
+    from manualbp.tools.benchmark import (
+        BenchmarkCase,
+        _batch,
+        _twins,
+        interleaved_ratio,
+        training_step,
+    )
 
-    bodies, layers = _bodies_step(sizes, batch)
-    modules: list[torch.nn.Module] = []
-    for layer in layers:
-        modules += [copy.deepcopy(layer), torch.nn.ReLU()]
-    network = torch.nn.Sequential(*modules[:-1])
-    inputs, targets = _mlp_batch(sizes, batch)
-    optimizer = torch.optim.SGD(network.parameters(), lr=1e-3, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
-
-    def autograd_step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(network(inputs), targets).backward()
-        optimizer.step()
-
+    device = torch.device("cpu")
+    case = BenchmarkCase("relu MLP", sizes, "relu", batch)
+    _, network = _twins(case, device)
+    inputs, targets = _batch(case, device)
+    layers = [m for m in copy.deepcopy(network).modules() if isinstance(m, torch.nn.Linear)]
+    bodies = _bodies_step(layers, inputs, targets)
+    autograd_step = training_step(network, torch.nn.CrossEntropyLoss(), inputs, targets)
     time_b, time_a, ratio, _ = interleaved_ratio(
-        bodies, autograd_step, torch.device("cpu"), warmup=10, steps=steps, repeats=repeats
+        bodies, autograd_step, device, warmup=10, steps=steps, repeats=repeats
     )
     return {"bodies_ms": time_b * 1e3, "autograd_ms": time_a * 1e3, "ratio": ratio}
